@@ -88,3 +88,35 @@ class Daemon:
             return self.iothreads[name]
         except KeyError:
             raise GenericError(f'iothread "{name}" not found') from None
+
+    async def add_object(self, options: dict[str, Any]) -> None:
+        """``--object`` / ``object-add`` (iothread) with validated options."""
+        from vexport.objects import add_object
+
+        add_object(self, options)
+
+    async def delete_object(self, object_id: str) -> None:
+        from vexport.objects import delete_object
+
+        delete_object(self, object_id)
+
+    async def add_chardev(self, options: dict[str, Any]) -> None:
+        """``--chardev socket,...``: parsed QemuOpts-style options (see qmp/server.py)."""
+        from vexport.qmp.server import add_chardev
+
+        await add_chardev(self, options)
+
+    async def add_monitor(self, options: dict[str, Any]) -> None:
+        """``--monitor [chardev=]ID[,mode=control][,pretty=on]``."""
+        from vexport.qmp.server import add_monitor
+
+        await add_monitor(self, options)
+
+    async def close(self) -> None:
+        """Stop monitors, delete exports (emitting their events), close nodes."""
+        from vexport.exports import delete_all_exports
+        from vexport.qmp.server import close_monitors
+
+        await delete_all_exports(self)
+        await close_monitors(self)
+        self.graph.close_all()
