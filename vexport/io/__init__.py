@@ -1,0 +1,98 @@
+"""I/O engines: asynchronous, callback-style I/O on file descriptors.
+
+Every engine offers::
+
+    engine.preadv(fd, offset, iov, done)      # iov: list of byte memoryviews
+    engine.pwritev(fd, offset, iov, done)
+    engine.fdatasync(fd, done)
+    engine.fallocate(fd, mode, offset, length, done)   # FALLOC_FL_* below
+    engine.blkdiscard(fd, offset, length, done)        # block devices
+    engine.blkzeroout(fd, offset, length, done)        # block devices
+    engine.plug(); engine.unplug()            # submit everything queued in between at once
+    engine.close()
+
+``done(ret)`` runs in the event loop thread, never inside the submitting call; ``ret``
+is the number of bytes transferred (0 for the other operations) or ``-errno``.  A read
+that hits end of file returns the short count (the caller zero-fills); other partial
+transfers are resubmitted by the engine.  Buffers for reads must be writable: the kernel
+queue engines raise BufferError at submission otherwise, the thread engine completes with
+-EFAULT.  With O_DIRECT, alignment is the caller's responsibility (-EINVAL otherwise).
+
+``get_engine(kind)`` returns the engine of that kind for the running loop, creating it on
+first use (OSError if the kernel interface is unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from vexport.kernel.aio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+__all__ = [
+    "ENGINE_KINDS",
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "FALLOC_FL_ZERO_RANGE",
+    "Done",
+    "IOEngine",
+    "close_engines",
+    "get_engine",
+]
+
+Done = Callable[[int], object]
+ENGINE_KINDS = ("threads", "native", "io_uring")
+
+
+class IOEngine(Protocol):
+    kind: str
+    closed: bool
+
+    def preadv(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None: ...
+    def pwritev(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None: ...
+    def fdatasync(self, fd: int, done: Done) -> None: ...
+    def fallocate(self, fd: int, mode: int, offset: int, length: int, done: Done) -> None: ...
+    def blkdiscard(self, fd: int, offset: int, length: int, done: Done) -> None: ...
+    def blkzeroout(self, fd: int, offset: int, length: int, done: Done) -> None: ...
+    def plug(self) -> None: ...
+    def unplug(self) -> None: ...
+    def close(self) -> None: ...
+
+
+_engines: dict[tuple[asyncio.AbstractEventLoop, str], IOEngine] = {}
+
+
+def _create(kind: str, loop: asyncio.AbstractEventLoop) -> IOEngine:
+    if kind == "threads":
+        from vexport.io.threads import ThreadPoolEngine
+
+        return ThreadPoolEngine(loop)
+    if kind == "native":
+        from vexport.io.linux_aio import LinuxAioEngine
+
+        return LinuxAioEngine(loop)
+    if kind == "io_uring":
+        from vexport.io.io_uring import IoUringEngine
+
+        return IoUringEngine(loop)
+    raise ValueError(f"unknown I/O engine kind {kind!r}")
+
+
+def get_engine(kind: str) -> IOEngine:
+    """The engine of ``kind`` ("threads", "native", "io_uring") for the running loop."""
+    loop = asyncio.get_running_loop()
+    for key in [k for k in _engines if k[0].is_closed()]:
+        _engines.pop(key).close()
+    engine = _engines.get((loop, kind))
+    if engine is None or engine.closed:
+        engine = _create(kind, loop)
+        _engines[(loop, kind)] = engine
+    return engine
+
+
+def close_engines(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Close the engines of ``loop`` (all loops if None), e.g. at daemon shutdown."""
+    for key in list(_engines):
+        if loop is None or key[0] is loop:
+            _engines.pop(key).close()

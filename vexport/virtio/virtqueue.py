@@ -1,0 +1,463 @@
+"""A split virtqueue, device side (virtio 1.2, section 2.7), with no I/O of its own.
+
+Theory of operation
+-------------------
+The queue keeps three ring addresses and a few counters; every byte it reads or writes
+goes through the `GuestMemory` object passed in (bytearrays in tests, mmap'd VDUSE
+regions in the export).  The three areas are translated once, at construction (and by
+`remap` after the driver's memory map changed): the descriptor table (16 bytes per
+entry), the avail ring (flags, idx, ring[size], used_event) and the used ring (flags,
+idx, ring[size] of {id, len}, avail_event).  All fields are little endian (VERSION_1).
+
+``pop`` compares avail->idx with ``last_avail_idx``; each new entry names a head
+descriptor; the chain is walked (following NEXT, and one level of INDIRECT table) and
+turned into a `DescriptorChain`: memoryviews of the device-readable buffers, then of the
+device-writable ones.  ``push(head, len)`` writes a used element and then used->idx.
+Heads between pop and push are *in flight*; offering one again is an error.
+
+Everything the driver wrote is checked before use; each violation raises its own
+subclass of `VirtqueueError` (see `vexport.virtio.errors`).  What happens to the state:
+
+* `AvailIndexRunAhead`: nothing is consumed; every later pop raises it again.  The
+  device must give up (NEEDS_RESET).
+* `HeadOutOfRange`, `HeadInFlight`: the avail entry is consumed (last_avail_idx moves
+  on), ``err.head`` is None; nothing can be returned to the driver for it.
+* every chain error: the entry is consumed and the head is in flight; ``err.head`` is
+  the head, so the device may complete it with ``push(head, 0)`` or stop the queue.
+
+So after any error other than `AvailIndexRunAhead` the queue stays consistent and the
+next pop looks at the next entry.  ``pop_batch`` that meets an error after collecting
+chains returns those and raises the error on the following call.
+
+Notifications
+-------------
+Kicks (driver -> device): with RING_EVENT_IDX the device publishes avail_event, the
+avail index it wants a kick for.  While it is busy it leaves it stale (no kicks); when
+``pop`` finds the ring empty it writes avail_event = last_avail_idx and looks again, so a
+buffer added concurrently is either seen or kicked (virtio 1.2, 2.7.10).  Callers must
+therefore pop until the queue reports empty.  Without EVENT_IDX, VRING_USED_F_NO_NOTIFY
+in used->flags is the switch (`suppress_kicks`).
+
+Interrupts (device -> driver): ``should_notify()`` after a batch of pushes.
+NOTIFY_ON_EMPTY forces one when nothing is in flight and the avail ring is empty
+(virtio 1.2, 6.3); with EVENT_IDX an interrupt is due when used->idx stepped over
+used_event (``vring_need_event``, 2.7.7.1); otherwise unless the driver set
+VRING_AVAIL_F_NO_INTERRUPT.
+
+Python has no memory fences; the stores and loads above happen in program order, which
+is what x86 (TSO) needs for everything but the store->load pairs (avail_event then
+avail->idx, used->idx then used_event).  The export re-checks the ring after each kick.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vexport.virtio.errors import (
+    AddressOverflow,
+    AvailIndexRunAhead,
+    BadIndirectLength,
+    BadQueueSize,
+    ChainLengthOverflow,
+    ChainTooLong,
+    DescriptorOutOfRange,
+    DescriptorOutsideMemory,
+    GuestMemoryError,
+    HeadInFlight,
+    HeadOutOfRange,
+    IndirectNotNegotiated,
+    IndirectWithNext,
+    NestedIndirect,
+    ReadableAfterWritable,
+    RingOutsideMemory,
+    VirtqueueError,
+)
+from vexport.virtio.memory import GuestMemory
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_USED_F_NO_NOTIFY = 1
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
+DESC_SIZE = DESC.size
+MAX_QUEUE_SIZE = 32768
+_IOVA_LIMIT = 1 << 64
+_MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+def desc_table_size(size: int) -> int:
+    return DESC_SIZE * size
+
+
+def avail_ring_size(size: int) -> int:
+    """flags, idx, ring[size], used_event."""
+    return 6 + 2 * size
+
+
+def used_ring_size(size: int) -> int:
+    """flags, idx, ring[size] of {id, len}, avail_event."""
+    return 6 + 8 * size
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """True if moving the index from ``old`` to ``new`` stepped past ``event`` (2.7.7.1)."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class DescriptorChain:
+    """One request: the head index and views of its readable and writable buffers."""
+
+    __slots__ = ("head", "read_len", "readable", "writable", "write_len")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        read_len: int,
+        write_len: int,
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.read_len = read_len
+        self.write_len = write_len
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, read={self.read_len}B in "
+            f"{len(self.readable)}, write={self.write_len}B in {len(self.writable)})"
+        )
+
+
+class SplitQueue:
+    """The device side of one split virtqueue.
+
+    ``last_avail_idx`` is where to resume (VQ_GET_INFO's avail index after a
+    reconnect); ``used_idx`` None means "read used->idx from the ring".
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        notify_on_empty: bool = False,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise BadQueueSize(f"queue size {size} is not a power of two in [1, 32768]")
+        self.memory = memory
+        self.size = size
+        self._mask = size - 1
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.notify_on_empty = notify_on_empty
+        self._last_avail = last_avail_idx & 0xFFFF
+        self._inflight = bytearray(size)
+        self._inflight_count = 0
+        self._pending_error: VirtqueueError | None = None
+        self._kicks_suppressed = False
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._desc = self._avail = self._used = memoryview(b"")
+        self.remap()
+        self._used_idx = U16.unpack_from(self._used, 2)[0] if used_idx is None else used_idx
+        self._used_idx &= 0xFFFF
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+
+    # -- set-up --------------------------------------------------------------------
+
+    def _ring(self, name: str, addr: int, length: int, write: bool) -> memoryview:
+        if addr + length > _IOVA_LIMIT:
+            raise RingOutsideMemory(f"{name} at 0x{addr:x} overflows 64 bits")
+        view = self.memory.view(addr, length, write)
+        if view is None:
+            raise RingOutsideMemory(
+                f"{name} 0x{addr:x}+{length} is not in one {'writable' if write else 'readable'}"
+                " mapped region"
+            )
+        return view
+
+    def remap(self) -> None:
+        """Translate the three ring areas again (after the memory map changed)."""
+        size = self.size
+        self._desc = self._ring("descriptor table", self.desc_addr, desc_table_size(size), False)
+        self._avail = self._ring("avail ring", self.avail_addr, avail_ring_size(size), False)
+        self._used = self._ring("used ring", self.used_addr, used_ring_size(size), True)
+
+    def release(self) -> None:
+        """Drop the ring views (so that the memory behind them can be unmapped)."""
+        for view in (self._desc, self._avail, self._used):
+            view.release()
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    @property
+    def inflight_count(self) -> int:
+        return self._inflight_count
+
+    def inflight_heads(self) -> list[int]:
+        return [i for i, busy in enumerate(self._inflight) if busy]
+
+    def avail_idx(self) -> int:
+        """avail->idx as the driver wrote it."""
+        return U16.unpack_from(self._avail, 2)[0]
+
+    def pending(self) -> int:
+        """Entries the driver made available that were not popped yet."""
+        return (U16.unpack_from(self._avail, 2)[0] - self._last_avail) & 0xFFFF
+
+    # -- taking requests ---------------------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None if the ring is empty (kicks re-armed)."""
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        avail = U16.unpack_from(self._avail, 2)[0]
+        if avail == self._last_avail:
+            if not self._rearm():
+                return None
+            avail = U16.unpack_from(self._avail, 2)[0]
+        return self._take(avail)
+
+    def pop_batch(self, max_chains: int) -> list[DescriptorChain]:
+        """Up to ``max_chains`` chains; fewer (maybe none) means the ring is empty."""
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        chains: list[DescriptorChain] = []
+        unpack = U16.unpack_from
+        avail_view = self._avail
+        while len(chains) < max_chains:
+            avail = unpack(avail_view, 2)[0]
+            if avail == self._last_avail:
+                if not self._rearm():
+                    break
+                avail = unpack(avail_view, 2)[0]
+            try:
+                chains.append(self._take(avail))
+            except VirtqueueError as err:
+                if not chains:
+                    raise
+                self._pending_error = err
+                break
+        return chains
+
+    def _rearm(self) -> bool:
+        """Ring found empty: re-enable kicks; True if entries arrived meanwhile."""
+        if not self.event_idx or self._kicks_suppressed:
+            return False
+        U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+        return U16.unpack_from(self._avail, 2)[0] != self._last_avail
+
+    def _take(self, avail: int) -> DescriptorChain:
+        last = self._last_avail
+        if (avail - last) & 0xFFFF > self.size:
+            raise AvailIndexRunAhead(f"avail idx {avail} is more than {self.size} ahead of {last}")
+        head = U16.unpack_from(self._avail, 4 + 2 * (last & self._mask))[0]
+        self._last_avail = (last + 1) & 0xFFFF
+        if head >= self.size:
+            raise HeadOutOfRange(f"avail ring entry {last}: head {head} >= {self.size}")
+        if self._inflight[head]:
+            raise HeadInFlight(f"avail ring entry {last}: head {head} is already in flight")
+        self._inflight[head] = 1
+        self._inflight_count += 1
+        try:
+            return self._walk(head)
+        except VirtqueueError as err:
+            err.head = head
+            raise
+
+    def resubmit(self, head: int) -> DescriptorChain:
+        """Walk the chain of ``head`` again, marking it in flight (reconnect recovery)."""
+        if not 0 <= head < self.size or self._inflight[head]:
+            raise ValueError(f"head {head} cannot be resubmitted")
+        self._inflight[head] = 1
+        self._inflight_count += 1
+        try:
+            return self._walk(head)
+        except VirtqueueError as err:
+            err.head = head
+            raise
+
+    def _translate(self, addr: int, length: int, write: bool) -> list[memoryview]:
+        try:
+            return self.memory.translate(addr, length, write)
+        except GuestMemoryError as err:
+            raise DescriptorOutsideMemory(str(err)) from None
+
+    def _indirect_table(self, addr: int, length: int) -> memoryview:
+        view = self.memory.view(addr, length, False)
+        if view is None:  # straddles regions: copy it together
+            view = memoryview(b"".join(self._translate(addr, length, False)))
+        return view
+
+    def _walk(self, head: int) -> DescriptorChain:
+        """Validate the chain starting at ``head`` and map its buffers (the hot path)."""
+        mem_view = self.memory.view
+        unpack = DESC.unpack_from
+        iova_limit = _IOVA_LIMIT
+        table = self._desc
+        limit = self.size
+        in_indirect = False
+        index = head
+        count = 0
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        read_len = write_len = 0
+        seen_write = False
+        while True:
+            if count >= limit:
+                raise ChainTooLong(f"chain at head {head} has more than {limit} descriptors")
+            count += 1
+            addr, length, flags, nxt = unpack(table, index << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise NestedIndirect(f"indirect descriptor {index} in an indirect table")
+                if not self.indirect:
+                    raise IndirectNotNegotiated(f"descriptor {index} is INDIRECT")
+                if flags & VRING_DESC_F_NEXT:
+                    raise IndirectWithNext(f"descriptor {index} has INDIRECT and NEXT")
+                if length == 0 or length & 15:
+                    raise BadIndirectLength(f"indirect table of {length} bytes")
+                if addr + length > iova_limit:
+                    raise AddressOverflow(f"indirect table 0x{addr:x}+{length}")
+                view = mem_view(addr, length, False)
+                table = view if view is not None else self._indirect_table(addr, length)
+                limit = length >> 4
+                in_indirect = True
+                index = count = 0
+                continue
+            if length:
+                if addr + length > iova_limit:
+                    raise AddressOverflow(f"descriptor {index}: 0x{addr:x}+{length}")
+                if flags & VRING_DESC_F_WRITE:
+                    seen_write = True
+                    write_len += length
+                    view = mem_view(addr, length, True)
+                    if view is None:
+                        writable.extend(self._translate(addr, length, True))
+                    else:
+                        writable.append(view)
+                else:
+                    if seen_write:
+                        raise ReadableAfterWritable(
+                            f"descriptor {index} is readable after writable"
+                        )
+                    read_len += length
+                    view = mem_view(addr, length, False)
+                    if view is None:
+                        readable.extend(self._translate(addr, length, False))
+                    else:
+                        readable.append(view)
+            elif flags & VRING_DESC_F_WRITE:
+                seen_write = True
+            elif seen_write:
+                raise ReadableAfterWritable(f"descriptor {index} is readable after writable")
+            if not flags & VRING_DESC_F_NEXT:
+                if read_len + write_len > _MAX_CHAIN_BYTES:
+                    # Each length is < 2**32 and the count is bounded, so checking the
+                    # total once at the end is exact.
+                    raise ChainLengthOverflow(f"chain at head {head} is longer than 2**32-1 bytes")
+                return DescriptorChain(head, readable, writable, read_len, write_len)
+            index = nxt
+            if index >= limit:
+                raise DescriptorOutOfRange(f"next index {index} >= table size {limit}")
+
+    # -- completing requests -----------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Return ``head`` to the driver with ``written`` bytes in its writable buffers."""
+        if not 0 <= head < self.size or not self._inflight[head]:
+            raise ValueError(f"head {head} is not in flight")
+        self._inflight[head] = 0
+        self._inflight_count -= 1
+        idx = self._used_idx
+        USED_ELEM.pack_into(self._used, 4 + 8 * (idx & self._mask), head, written)
+        idx = (idx + 1) & 0xFFFF
+        self._used_idx = idx
+        U16.pack_into(self._used, 2, idx)
+
+    def push_batch(self, completions: list[tuple[int, int]]) -> None:
+        """Several ``(head, written)`` pairs; used->idx is written once, at the end."""
+        inflight = self._inflight
+        used = self._used
+        mask = self._mask
+        idx = self._used_idx
+        for head, written in completions:
+            if not 0 <= head < self.size or not inflight[head]:
+                self._used_idx = idx
+                U16.pack_into(used, 2, idx)
+                raise ValueError(f"head {head} is not in flight")
+            inflight[head] = 0
+            self._inflight_count -= 1
+            USED_ELEM.pack_into(used, 4 + 8 * (idx & mask), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self._used_idx = idx
+        U16.pack_into(used, 2, idx)
+
+    def should_notify(self) -> bool:
+        """Whether to interrupt the driver for the entries pushed since the last call."""
+        new = self._used_idx
+        old = self._signalled_used
+        valid = self._signalled_valid
+        if valid and new == old:
+            return False
+        self._signalled_used = new
+        self._signalled_valid = True
+        avail = self._avail
+        if (
+            self.notify_on_empty
+            and self._inflight_count == 0
+            and U16.unpack_from(avail, 2)[0] == self._last_avail
+        ):
+            return True
+        if self.event_idx:
+            used_event = U16.unpack_from(avail, self._used_event_off)[0]
+            return not valid or vring_need_event(used_event, new, old)
+        return not U16.unpack_from(avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression --------------------------------------------------------------
+
+    def suppress_kicks(self, suppress: bool) -> None:
+        """Ask the driver not to kick (while the device polls), or to kick again.
+
+        With EVENT_IDX, suppressing leaves avail_event stale and un-suppressing takes
+        effect at the next empty pop; otherwise VRING_USED_F_NO_NOTIFY is set/cleared.
+        """
+        self._kicks_suppressed = suppress
+        if not self.event_idx:
+            flags = U16.unpack_from(self._used, 0)[0]
+            if suppress:
+                flags |= VRING_USED_F_NO_NOTIFY
+            else:
+                flags &= ~VRING_USED_F_NO_NOTIFY
+            U16.pack_into(self._used, 0, flags)
+
+    def set_avail_event(self, idx: int) -> None:
+        """Write avail_event directly (EVENT_IDX): kick me once avail idx passes ``idx``."""
+        U16.pack_into(self._used, self._avail_event_off, idx & 0xFFFF)
