@@ -120,3 +120,6 @@ class Daemon:
         await delete_all_exports(self)
         await close_monitors(self)
         self.graph.close_all()
+        from vexport.io import close_engines
+
+        close_engines()

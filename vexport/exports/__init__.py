@@ -1,4 +1,4 @@
-"""Block exports: the registry, the lifecycle and the checks common to every type.
+r"""Block exports: the registry, the lifecycle and the checks common to every type.
 
 An export goes through explicit states::
 

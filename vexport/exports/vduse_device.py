@@ -1,0 +1,414 @@
+"""A VDUSE device in the asyncio event loop, independent of the device type.
+
+Theory of operation (see /usr/include/linux/vduse.h and docs/design.md)
+------------------------------------------------------------------------
+``VduseDevice.create`` opens ``/dev/vduse/control``, sets API version 0 and creates the
+device (CREATE_DEV with the virtio config space), opens ``/dev/vduse/NAME`` non-blocking
+and VQ_SETUPs every queue with its maximum size, so that ``vdpa dev add`` can attach it.
+
+The device fd carries control messages.  It is registered with the loop; each readable
+event drains every pending message and answers each one at once, in the loop thread,
+without waiting for anything (a message unanswered for ``msg_timeout`` seconds breaks
+the device for good).  A handler that fails answers VDUSE_REQ_RESULT_FAILED.
+
+* SET_STATUS: the virtio status byte.  DRIVER_OK (newly set) starts the queues: for each
+  ready queue VQ_GET_INFO gives its size, ring IOVAs and avail index; a `SplitQueue`
+  is built over the device memory and an eventfd is attached with VQ_SETUP_KICKFD.
+  Status 0 is a reset: queues stop (requests still in flight complete into nothing),
+  the memory cache is dropped.
+* GET_VQ_STATE: answer the queue's last avail index.
+* UPDATE_IOTLB: forget cached regions overlapping [start, last].
+
+Memory: a `RegionMemory` whose fault handler asks the kernel for the region holding an
+IOVA (IOTLB_GET_FD) and mmaps it (MAP_SHARED, at the entry's offset).  Regions are
+cached until an UPDATE_IOTLB or a reset removes them; a removed mmap is closed as soon
+as no request holds a view into it.
+
+The type-specific part (virtio-blk) sees `on_kick(queue)` calls and completes requests
+with `VduseQueue.complete(head, used_len)`; interrupts are injected once per batch by
+`flush_notifications`, which runs at the end of the loop iteration in which requests
+completed (and only where `SplitQueue.should_notify` says so: EVENT_IDX honoured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vexport.kernel import vduse as kv
+from vexport.virtio.memory import PERM_READ, PERM_RW, PERM_WRITE, RegionMemory
+from vexport.virtio.virtqueue import SplitQueue
+
+log = logging.getLogger("vexport.vduse")
+
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+
+
+class DeviceType(Protocol):
+    """What the device-type code (virtio-blk) provides to the device shell."""
+
+    def on_kick(self, queue: VduseQueue) -> None: ...
+
+    def on_queues_stopped(self) -> None: ...
+
+
+class VduseQueue:
+    """One virtqueue of the device: its ring (while running) and its kick eventfd."""
+
+    def __init__(self, device: VduseDevice, index: int, max_size: int) -> None:
+        self.device = device
+        self.index = index
+        self.max_size = max_size
+        self.vq: SplitQueue | None = None
+        self.kick_fd = -1
+        self.generation = 0  # bumped at every stop: completions of older ones are dropped
+        self.broken = False
+        self.needs_notify = False
+        self.saved_avail_idx = 0
+
+    @property
+    def running(self) -> bool:
+        return self.vq is not None and not self.broken
+
+    def complete(self, generation: int, head: int, used_len: int) -> None:
+        """A request popped in ``generation`` finished: put it in the used ring."""
+        vq = self.vq
+        if vq is None or generation != self.generation:
+            return  # the queue was reset meanwhile: the driver forgot the request
+        vq.push(head, used_len)
+        if not self.needs_notify:
+            self.needs_notify = True
+            self.device.schedule_notify(self)
+
+
+class VduseDevice:
+    """A created (or reattached) VDUSE device served in the running event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        control: kv.VduseControl,
+        dev: kv.VduseDeviceFd,
+        num_queues: int,
+        queue_size: int,
+        device_type: DeviceType,
+    ) -> None:
+        self.name = name
+        self.control = control
+        self.dev = dev
+        self.device_type = device_type
+        self.queues = [VduseQueue(self, i, queue_size) for i in range(num_queues)]
+        self.status = 0
+        self.features = 0
+        self.memory = RegionMemory(fault=self._fault)
+        self._retired: list[mmap.mmap] = []
+        self._mmaps: dict[int, mmap.mmap] = {}  # region start -> mapping
+        self._notify_pending: list[VduseQueue] = []
+        self._notify_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    # -- creation -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        *,
+        device_id: int,
+        features: int,
+        config: bytes,
+        num_queues: int,
+        queue_size: int,
+        device_type: DeviceType,
+        open_control: Callable[[], kv.VduseControl] = kv.VduseControl.open,
+    ) -> VduseDevice:
+        control = open_control()
+        try:
+            control.set_api_version(kv.VDUSE_API_VERSION)
+            control.create_dev(
+                name,
+                device_id=device_id,
+                features=features,
+                vq_num=num_queues,
+                vq_align=mmap.PAGESIZE,
+                config=config,
+            )
+        except BaseException:
+            control.close()
+            raise
+        try:
+            dev = kv.VduseDeviceFd.open(name)
+            try:
+                for index in range(num_queues):
+                    dev.vq_setup(index, queue_size)
+            except BaseException:
+                dev.close()
+                raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                control.destroy_dev(name)
+            control.close()
+            raise
+        device = cls(name, control, dev, num_queues, queue_size, device_type)
+        device._loop.add_reader(dev.fd, device._on_control)
+        return device
+
+    # -- control messages -------------------------------------------------------------
+    def _on_control(self) -> None:
+        while not self._closed:
+            try:
+                request = self.dev.read_request()
+            except OSError as e:
+                log.error("%s: reading a control message failed: %s", self.name, e)
+                return
+            if request is None:
+                return
+            self.handle_request(request)
+
+    def handle_request(self, request: kv.VduseRequest) -> None:
+        """Answer one control message; never leaves it unanswered."""
+        result = kv.VDUSE_REQ_RESULT_OK
+        vq_state: tuple[int, int] | None = None
+        try:
+            if request.type == kv.VDUSE_SET_STATUS:
+                assert isinstance(request.payload, int)
+                self._set_status(request.payload)
+            elif request.type == kv.VDUSE_GET_VQ_STATE:
+                assert isinstance(request.payload, int)
+                vq_state = (request.payload, self._avail_index(request.payload))
+            elif request.type == kv.VDUSE_UPDATE_IOTLB:
+                assert isinstance(request.payload, tuple)
+                self._invalidate(int(request.payload[0]), int(request.payload[1]))
+            else:
+                log.warning("%s: unknown control message type %d", self.name, request.type)
+                result = kv.VDUSE_REQ_RESULT_FAILED
+        except Exception:
+            log.exception("%s: handling control message %r failed", self.name, request)
+            result = kv.VDUSE_REQ_RESULT_FAILED
+        try:
+            self.dev.write_response(request.request_id, result, vq_state)
+        except OSError as e:
+            log.error("%s: answering control message failed: %s", self.name, e)
+
+    def _avail_index(self, index: int) -> int:
+        if not 0 <= index < len(self.queues):
+            raise ValueError(f"no queue {index}")
+        queue = self.queues[index]
+        if queue.vq is not None:
+            return queue.vq.last_avail_idx
+        return queue.saved_avail_idx
+
+    def _set_status(self, status: int) -> None:
+        old, self.status = self.status, status
+        log.debug("%s: status 0x%x -> 0x%x", self.name, old, status)
+        if status == 0:
+            self.stop_queues(reset=True)
+        elif status & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.start_queues()
+
+    # -- queues -----------------------------------------------------------------------
+    def start_queues(self) -> None:
+        self.features = self.dev.get_features()
+        event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        indirect = bool(self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        notify_on_empty = bool(self.features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
+        for queue in self.queues:
+            info = self.dev.vq_get_info(queue.index)
+            if not info.ready:
+                continue
+            try:
+                queue.vq = SplitQueue(
+                    self.memory,
+                    info.num,
+                    info.desc_addr,
+                    info.driver_addr,
+                    info.device_addr,
+                    event_idx=event_idx,
+                    indirect=indirect,
+                    notify_on_empty=notify_on_empty,
+                    last_avail_idx=info.avail_index,
+                )
+            except Exception as e:
+                log.error("%s: queue %d cannot be started: %s", self.name, queue.index, e)
+                queue.broken = True
+                continue
+            queue.broken = False
+            queue.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.dev.vq_setup_kickfd(queue.index, queue.kick_fd)
+            self._loop.add_reader(queue.kick_fd, self._on_kick, queue)
+            log.debug(
+                "%s: queue %d started: size %d, avail idx %d",
+                self.name,
+                queue.index,
+                info.num,
+                info.avail_index,
+            )
+            # Requests may have been made available before the kick fd existed.
+            self._loop.call_soon(self._on_kick, queue)
+
+    def stop_queues(self, reset: bool = False) -> None:
+        for queue in self.queues:
+            if queue.kick_fd >= 0:
+                self._loop.remove_reader(queue.kick_fd)
+                if not reset and not self._closed:
+                    with contextlib.suppress(OSError):
+                        self.dev.vq_setup_kickfd(queue.index, kv.VDUSE_EVENTFD_DEASSIGN)
+                os.close(queue.kick_fd)
+                queue.kick_fd = -1
+            if queue.vq is not None:
+                queue.saved_avail_idx = 0 if reset else queue.vq.last_avail_idx
+                queue.vq.release()
+                queue.vq = None
+            queue.generation += 1
+            queue.needs_notify = False
+            queue.broken = False
+        if reset:
+            self._invalidate(0, (1 << 64) - 1)
+        self.device_type.on_queues_stopped()
+
+    def _on_kick(self, queue: VduseQueue) -> None:
+        if queue.kick_fd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(queue.kick_fd)
+        if queue.running:
+            self.device_type.on_kick(queue)
+
+    def queue_broken(self, queue: VduseQueue, reason: str) -> None:
+        """The driver corrupted the ring beyond recovery: stop serving this queue."""
+        log.error("%s: queue %d stopped: %s", self.name, queue.index, reason)
+        queue.broken = True
+        if queue.kick_fd >= 0:
+            self._loop.remove_reader(queue.kick_fd)
+
+    # -- interrupts -------------------------------------------------------------------
+    def schedule_notify(self, queue: VduseQueue) -> None:
+        self._notify_pending.append(queue)
+        if not self._notify_scheduled:
+            self._notify_scheduled = True
+            self._loop.call_soon(self.flush_notifications)
+
+    def flush_notifications(self) -> None:
+        self._notify_scheduled = False
+        pending, self._notify_pending = self._notify_pending, []
+        for queue in pending:
+            queue.needs_notify = False
+            vq = queue.vq
+            if vq is None or not vq.should_notify():
+                continue
+            try:
+                self.dev.vq_inject_irq(queue.index)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: not DRIVER_OK any more
+                    log.error("%s: queue %d interrupt failed: %s", self.name, queue.index, e)
+
+    # -- config -----------------------------------------------------------------------
+    def update_config(self, offset: int, data: bytes) -> None:
+        """Change config space bytes and tell the driver (DEV_SET_CONFIG + config IRQ)."""
+        self.dev.set_config(offset, data)
+        try:
+            self.dev.inject_config_irq()
+        except OSError as e:
+            # Before DRIVER_OK there is nobody to tell; the driver reads the new value.
+            if e.errno != errno.EINVAL:
+                raise
+
+    # -- memory -----------------------------------------------------------------------
+    def _fault(self, iova: int) -> bool:
+        try:
+            entry = self.dev.iotlb_get_fd(iova, iova)
+        except OSError as e:
+            log.debug("%s: IOVA 0x%x has no mapping: %s", self.name, iova, e)
+            return False
+        try:
+            length = entry.last - entry.start + 1
+            perm = entry.perm & PERM_RW
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if perm & PERM_WRITE else 0)
+            try:
+                mapping = mmap.mmap(entry.fd, length, mmap.MAP_SHARED, prot, offset=entry.offset)
+            except OSError:
+                if not perm & PERM_WRITE:
+                    raise
+                mapping = mmap.mmap(
+                    entry.fd,
+                    length,
+                    mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=entry.offset,
+                )
+        finally:
+            os.close(entry.fd)
+        if not perm & PERM_WRITE:
+            perm |= PERM_READ
+        self.memory.add_region(entry.start, mapping, perm)
+        self._mmaps[entry.start] = mapping
+        log.debug("%s: mapped IOVA 0x%x-0x%x perm %d", self.name, entry.start, entry.last, perm)
+        return True
+
+    def _invalidate(self, start: int, last: int) -> None:
+        for region in self.memory.remove_range(start, last):
+            mapping = self._mmaps.pop(region.start, None)
+            region.view.release()
+            if mapping is not None:
+                self._retired.append(mapping)
+        self.collect_retired()
+
+    def collect_retired(self) -> None:
+        """Unmap removed regions that no request holds a view into any more."""
+        still: list[mmap.mmap] = []
+        for mapping in self._retired:
+            try:
+                mapping.close()
+            except BufferError:
+                still.append(mapping)
+        self._retired = still
+
+    # -- teardown ---------------------------------------------------------------------
+    def inflight(self) -> int:
+        return sum(q.vq.inflight_count for q in self.queues if q.vq is not None)
+
+    def close(self, destroy: bool = True) -> bool:
+        """Stop serving and close the device; DESTROY_DEV unless it is still attached.
+
+        Returns True if the device was destroyed.
+        """
+        if self._closed:
+            return False
+        self.stop_queues()
+        self._closed = True
+        self._loop.remove_reader(self.dev.fd)
+        self._invalidate(0, (1 << 64) - 1)
+        self.dev.close()
+        destroyed = False
+        if destroy:
+            try:
+                self.control.destroy_dev(self.name)
+                destroyed = True
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    log.warning(
+                        "%s: device is still attached (vdpa dev del it first); it is left "
+                        "in place for a later reconnect",
+                        self.name,
+                    )
+                else:
+                    log.error("%s: destroying the device failed: %s", self.name, e)
+        self.control.close()
+        return destroyed
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "features": self.features}
