@@ -98,7 +98,7 @@ async def add_export(daemon: Daemon, options: dict[str, Any]) -> BlockExport:
     cls = export_types().get(export_type)
     if cls is None:
         raise GenericError(f"Parameter 'type' does not accept value '{export_type}'")
-    node = daemon.graph.lookup(options["node-name"])
+    node = daemon.graph.lookup(node_name=options["node-name"])
     if "iothread" in options:
         daemon.require_iothread(options["iothread"])
     if options.get("writable") and node.read_only:

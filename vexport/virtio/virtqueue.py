@@ -46,12 +46,18 @@ VRING_AVAIL_F_NO_INTERRUPT.
 
 Python has no memory fences; the stores and loads above happen in program order, which
 is what x86 (TSO) needs for everything but the store->load pairs (avail_event then
-avail->idx, used->idx then used_event).  The export re-checks the ring after each kick.
+avail->idx, used->idx then used_event), where a store may still sit in the CPU's store
+buffer when the load runs and both sides miss each other's update (a lost kick or
+interrupt stalls I/O for good).  `full_fence` orders them: acquiring and releasing an
+uncontended lock executes a locked instruction (glibc's semaphore/mutex fast path), a
+full barrier on x86.  It runs once per empty-ring check and once per interrupt
+decision, not per request.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 
 from vexport.virtio.errors import (
     AddressOverflow,
@@ -87,6 +93,15 @@ DESC_SIZE = DESC.size
 MAX_QUEUE_SIZE = 32768
 _IOVA_LIMIT = 1 << 64
 _MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier (see the module docstring)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 def desc_table_size(size: int) -> int:
@@ -272,6 +287,7 @@ class SplitQueue:
         if not self.event_idx or self._kicks_suppressed:
             return False
         U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+        full_fence()
         return U16.unpack_from(self._avail, 2)[0] != self._last_avail
 
     def _take(self, avail: int) -> DescriptorChain:
@@ -429,6 +445,7 @@ class SplitQueue:
             return False
         self._signalled_used = new
         self._signalled_valid = True
+        full_fence()
         avail = self._avail
         if (
             self.notify_on_empty

@@ -1,0 +1,1 @@
+"""Real-kernel guest tier: runner, pytest plugin, helpers, guest tests (docs/guest.md)."""
