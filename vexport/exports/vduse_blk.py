@@ -16,11 +16,18 @@ from typing import TYPE_CHECKING, Any
 from vexport.blockdev.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from vexport.errors import GenericError
 from vexport.exports import BlockExport
-from vexport.exports.vduse_device import VduseDevice, VduseQueue
+from vexport.exports.inflight_log import LogConfig, log_path
+from vexport.exports.vduse_device import (
+    DeviceBusy,
+    DeviceConfigMismatch,
+    VduseDevice,
+    VduseQueue,
+)
 from vexport.kernel import vduse as kv
 from vexport.virtio import blk
 from vexport.virtio.blk import BlkRequest, BlkRequestError, VirtioBlk
 from vexport.virtio.errors import AvailIndexRunAhead, VirtqueueError
+from vexport.virtio.virtqueue import DescriptorChain
 
 if TYPE_CHECKING:
     from vexport.blockdev.node import BlockNode
@@ -147,17 +154,25 @@ class VduseBlkExport(BlockExport):
         def open_control() -> kv.VduseControl:
             return kv.VduseControl(open_vduse_control())
 
+        features = blk.features(self.num_queues, self.writable)
+        log_config = LogConfig(
+            self.num_queues, self.queue_size, self.block_size, self.node.length, features
+        )
         try:
             return VduseDevice.create(
                 self.name,
                 device_id=blk.VIRTIO_ID_BLOCK,
-                features=blk.features(self.num_queues, self.writable),
+                features=features,
                 config=self.config_bytes(),
                 num_queues=self.num_queues,
                 queue_size=self.queue_size,
                 device_type=self,
+                log_config=log_config,
+                log_path=log_path(self.name),
                 open_control=open_control,
             )
+        except (DeviceBusy, DeviceConfigMismatch) as e:
+            raise GenericError(f"failed to create vduse device: {e}") from None
         except FileExistsError:
             raise GenericError(
                 f"failed to create vduse device: a VDUSE device named '{self.name}' already exists"
@@ -177,6 +192,7 @@ class VduseBlkExport(BlockExport):
         execute = self.blk.execute
         done = self._done
         generation = queue.generation
+        qlog = queue.log
         node.plug()
         try:
             while True:
@@ -191,10 +207,15 @@ class VduseBlkExport(BlockExport):
                         log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                         continue
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
+                    if qlog is not None:
+                        qlog.popped(err.head)
                     queue.complete(generation, err.head, 0)
                     continue
                 if not chains:
                     break
+                if qlog is not None:
+                    for chain in chains:
+                        qlog.popped(chain.head)
                 for chain in chains:
                     try:
                         req = parse(chain)
@@ -219,10 +240,33 @@ class VduseBlkExport(BlockExport):
     def on_queues_stopped(self) -> None:
         pass
 
+    def on_resubmit(self, queue: VduseQueue, chains: list[DescriptorChain]) -> None:
+        """Serve again, in order, what a previous daemon had taken but not completed."""
+        log.info(
+            "vduse-blk %s: queue %d: resubmitting %d request(s)", self.id, queue.index, len(chains)
+        )
+        generation = queue.generation
+        self.node.plug()
+        try:
+            for chain in chains:
+                try:
+                    req = self.blk.parse(chain)
+                except BlkRequestError as err:
+                    log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
+                    queue.complete(generation, chain.head, 0)
+                    continue
+                req.user = (queue, generation)
+                self._inflight += 1
+                self.blk.execute(req, self.node, self._done)
+        finally:
+            self.node.unplug()
+
     # -- control ------------------------------------------------------------------
     def resize(self, new_length: int) -> None:
         self.blk.set_capacity(new_length)
         if self.device is not None:
+            if self.device.log is not None:
+                self.device.log.set_capacity(new_length)
             field_offset, data = blk.capacity_bytes_field(new_length)
             try:
                 self.device.update_config(field_offset, data)

@@ -41,9 +41,10 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from vexport.exports.inflight_log import InflightLog, LogConfig, QueueLog
 from vexport.kernel import vduse as kv
 from vexport.virtio.memory import PERM_READ, PERM_RW, PERM_WRITE, RegionMemory
-from vexport.virtio.virtqueue import SplitQueue
+from vexport.virtio.virtqueue import DescriptorChain, SplitQueue, used_ring_size
 
 log = logging.getLogger("vexport.vduse")
 
@@ -66,6 +67,10 @@ class DeviceType(Protocol):
 
     def on_queues_stopped(self) -> None: ...
 
+    def on_resubmit(self, queue: VduseQueue, chains: list[DescriptorChain]) -> None:
+        """Requests a previous daemon had taken but not completed (reconnect)."""
+        ...
+
 
 class VduseQueue:
     """One virtqueue of the device: its ring (while running) and its kick eventfd."""
@@ -80,6 +85,7 @@ class VduseQueue:
         self.broken = False
         self.needs_notify = False
         self.saved_avail_idx = 0
+        self.log: QueueLog | None = None
 
     @property
     def running(self) -> bool:
@@ -91,9 +97,20 @@ class VduseQueue:
         if vq is None or generation != self.generation:
             return  # the queue was reset meanwhile: the driver forgot the request
         vq.push(head, used_len)
+        log = self.log
+        if log is not None:
+            log.completed(head, vq.used_idx)
         if not self.needs_notify:
             self.needs_notify = True
             self.device.schedule_notify(self)
+
+
+class DeviceConfigMismatch(Exception):
+    """A device of that name exists with another configuration."""
+
+
+class DeviceBusy(Exception):
+    """A device of that name exists and cannot be taken over."""
 
 
 class VduseDevice:
@@ -107,12 +124,18 @@ class VduseDevice:
         num_queues: int,
         queue_size: int,
         device_type: DeviceType,
+        log: InflightLog | None = None,
     ) -> None:
         self.name = name
+        self.log = log
+        self.reattached = False
         self.control = control
         self.dev = dev
         self.device_type = device_type
         self.queues = [VduseQueue(self, i, queue_size) for i in range(num_queues)]
+        if log is not None:
+            for queue, qlog in zip(self.queues, log.queues, strict=True):
+                queue.log = qlog
         self.status = 0
         self.features = 0
         self.memory = RegionMemory(fault=self._fault)
@@ -135,38 +158,109 @@ class VduseDevice:
         num_queues: int,
         queue_size: int,
         device_type: DeviceType,
+        log_config: LogConfig | None = None,
+        log_path: str | None = None,
         open_control: Callable[[], kv.VduseControl] = kv.VduseControl.open,
     ) -> VduseDevice:
+        """Create the device, or reattach to it if it exists and ``log_path`` holds a
+        matching in-flight log (a previous daemon died or left it attached)."""
         control = open_control()
+        log: InflightLog | None = None
+        created = False
         try:
             control.set_api_version(kv.VDUSE_API_VERSION)
-            control.create_dev(
-                name,
-                device_id=device_id,
-                features=features,
-                vq_num=num_queues,
-                vq_align=mmap.PAGESIZE,
-                config=config,
-            )
-        except BaseException:
-            control.close()
-            raise
-        try:
-            dev = kv.VduseDeviceFd.open(name)
             try:
-                for index in range(num_queues):
-                    dev.vq_setup(index, queue_size)
+                control.create_dev(
+                    name,
+                    device_id=device_id,
+                    features=features,
+                    vq_num=num_queues,
+                    vq_align=mmap.PAGESIZE,
+                    config=config,
+                )
+                created = True
+            except FileExistsError:
+                if log_path is None or log_config is None:
+                    raise
+                log = cls._open_log_for_reattach(name, log_path, log_config)
+            try:
+                dev = kv.VduseDeviceFd.open(name)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise DeviceBusy(f"VDUSE device '{name}' is open in another process") from None
+                raise
+            try:
+                if created:
+                    for index in range(num_queues):
+                        dev.vq_setup(index, queue_size)
+                    if log_path is not None and log_config is not None:
+                        log = InflightLog.create(log_path, log_config)
             except BaseException:
                 dev.close()
                 raise
         except BaseException:
-            with contextlib.suppress(OSError):
-                control.destroy_dev(name)
+            if log is not None:
+                log.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    control.destroy_dev(name)
             control.close()
             raise
-        device = cls(name, control, dev, num_queues, queue_size, device_type)
+        device = cls(name, control, dev, num_queues, queue_size, device_type, log)
+        if not created:
+            device.reattach()
         device._loop.add_reader(dev.fd, device._on_control)
         return device
+
+    @staticmethod
+    def _open_log_for_reattach(name: str, path: str, config: LogConfig) -> InflightLog:
+        try:
+            log = InflightLog.open_existing(path)
+        except FileNotFoundError:
+            raise DeviceBusy(
+                f"a VDUSE device named '{name}' already exists and there is no in-flight "
+                f"log at {path} to resume it from (another daemon may be serving it)"
+            ) from None
+        except ValueError as e:
+            raise DeviceBusy(f"VDUSE device '{name}' exists but its log {path}: {e}") from None
+        if log.config != config:
+            old = log.config
+            log.close()
+            raise DeviceConfigMismatch(
+                f"VDUSE device '{name}' exists with a different configuration "
+                f"(num-queues={old.num_queues}, queue-size={old.queue_size}, "
+                f"logical-block-size={old.block_size}, size={old.capacity}, "
+                f"features=0x{old.features:x}); restart with the same options, or detach "
+                "and destroy it first"
+            )
+        return log
+
+    def reattach(self) -> None:
+        """Resume a device a previous daemon served: rebuild the running queues from
+        the kernel (VQ_GET_INFO) and the in-flight log, then resubmit what was in flight."""
+        self.reattached = True
+        self.features = self.dev.get_features()
+        infos = [self.dev.vq_get_info(q.index) for q in self.queues]
+        if not any(info.ready for info in infos):
+            log.info("%s: reattached to a device that is not running", self.name)
+            if self.log is not None:
+                for q in self.log.queues:
+                    q.clear()
+            return
+        self.status = (
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK
+        )
+        self.start_queues(infos)
+        for queue in self.queues:
+            if queue.vq is not None:
+                # A completion may have reached the ring before the old daemon could
+                # interrupt the driver: one spurious interrupt is harmless.
+                with contextlib.suppress(OSError):
+                    self.dev.vq_inject_irq(queue.index)
+        log.info("%s: reattached to a running device", self.name)
 
     # -- control messages -------------------------------------------------------------
     def _on_control(self) -> None:
@@ -222,16 +316,24 @@ class VduseDevice:
             self.start_queues()
 
     # -- queues -----------------------------------------------------------------------
-    def start_queues(self) -> None:
+    def start_queues(self, infos: list[kv.VqInfo] | None = None) -> None:
         self.features = self.dev.get_features()
         event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
         indirect = bool(self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         notify_on_empty = bool(self.features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
+        if self.log is not None:
+            self.log.write_header(self.features)
         for queue in self.queues:
-            info = self.dev.vq_get_info(queue.index)
+            if queue.vq is not None:
+                continue  # already running (a re-queued DRIVER_OK after a reattach)
+            info = infos[queue.index] if infos else self.dev.vq_get_info(queue.index)
             if not info.ready:
                 continue
+            resubmit: list[int] = []
             try:
+                last_avail = info.avail_index
+                if self.reattached and queue.log is not None:
+                    resubmit, last_avail = self._recover(queue, info)
                 queue.vq = SplitQueue(
                     self.memory,
                     info.num,
@@ -241,7 +343,7 @@ class VduseDevice:
                     event_idx=event_idx,
                     indirect=indirect,
                     notify_on_empty=notify_on_empty,
-                    last_avail_idx=info.avail_index,
+                    last_avail_idx=last_avail,
                 )
             except Exception as e:
                 log.error("%s: queue %d cannot be started: %s", self.name, queue.index, e)
@@ -252,14 +354,55 @@ class VduseDevice:
             self.dev.vq_setup_kickfd(queue.index, queue.kick_fd)
             self._loop.add_reader(queue.kick_fd, self._on_kick, queue)
             log.debug(
-                "%s: queue %d started: size %d, avail idx %d",
+                "%s: queue %d started: size %d, avail idx %d, %d to resubmit",
                 self.name,
                 queue.index,
                 info.num,
-                info.avail_index,
+                last_avail,
+                len(resubmit),
             )
+            if resubmit:
+                self._resubmit(queue, resubmit)
             # Requests may have been made available before the kick fd existed.
             self._loop.call_soon(self._on_kick, queue)
+
+    def _recover(self, queue: VduseQueue, info: kv.VqInfo) -> tuple[list[int], int]:
+        assert queue.log is not None
+        used = self.memory.view(info.device_addr, used_ring_size(info.num), False)
+        if used is None:
+            raise ValueError("the used ring is not mapped")
+        ring_used_idx = int.from_bytes(used[2:4], "little")
+
+        def head_at(i: int) -> int:
+            off = 4 + 8 * (i % info.num)
+            return int.from_bytes(used[off : off + 4], "little")
+
+        try:
+            heads, last_avail = queue.log.recover(ring_used_idx, head_at)
+        finally:
+            used.release()
+        log.info(
+            "%s: queue %d resumes at avail %d, used %d, %d request(s) in flight",
+            self.name,
+            queue.index,
+            last_avail,
+            ring_used_idx,
+            len(heads),
+        )
+        return heads, last_avail
+
+    def _resubmit(self, queue: VduseQueue, heads: list[int]) -> None:
+        vq = queue.vq
+        assert vq is not None
+        chains: list[DescriptorChain] = []
+        for head in heads:
+            try:
+                chains.append(vq.resubmit(head))
+            except Exception as e:
+                log.error(
+                    "%s: queue %d: cannot resubmit head %d: %s", self.name, queue.index, head, e
+                )
+        self.device_type.on_resubmit(queue, chains)
 
     def stop_queues(self, reset: bool = False) -> None:
         for queue in self.queues:
@@ -277,6 +420,8 @@ class VduseDevice:
             queue.generation += 1
             queue.needs_notify = False
             queue.broken = False
+            if reset and queue.log is not None:
+                queue.log.clear()
         if reset:
             self._invalidate(0, (1 << 64) - 1)
         self.device_type.on_queues_stopped()
@@ -398,6 +543,9 @@ class VduseDevice:
             try:
                 self.control.destroy_dev(self.name)
                 destroyed = True
+                if self.log is not None:
+                    self.log.remove()
+                    self.log = None
             except OSError as e:
                 if e.errno == errno.EBUSY:
                     log.warning(
@@ -407,6 +555,9 @@ class VduseDevice:
                     )
                 else:
                     log.error("%s: destroying the device failed: %s", self.name, e)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         self.control.close()
         return destroyed
 
