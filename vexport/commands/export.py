@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from vexport.errors import GenericError
 from vexport.exports import add_export, delete_export, query_exports
 from vexport.qmp.registry import command
 
@@ -26,3 +27,13 @@ async def block_export_del(daemon: Daemon, args: dict[str, Any]) -> dict[str, An
 @command("query-block-exports")
 async def query_block_exports(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
     return query_exports(daemon)
+
+
+@command("nbd-server-start", schema="nbd-server-start")
+async def nbd_server_start(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    raise GenericError("NBD is not supported by vexport")
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    raise GenericError("NBD is not supported by vexport")
