@@ -32,6 +32,9 @@ class Daemon:
         self.nbd_server: Any = None
         self._event_listeners: list[EventListener] = []
         self._quit: asyncio.Event | None = None
+        from vexport.commands import load_all
+
+        load_all()  # the QMP commands, whichever way the daemon is driven
 
     # -- events -----------------------------------------------------------------
     def add_event_listener(self, listener: EventListener) -> None:

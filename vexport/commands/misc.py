@@ -33,8 +33,12 @@ async def query_commands(daemon: Daemon, args: dict[str, Any]) -> list[dict[str,
 
 @command("quit")
 async def quit_(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    # The session writes the reply before the event loop gets to run the daemon's
-    # shutdown, and the server flushes every client before closing it.
+    # As in QSD, every live export is deleted (each emitting BLOCK_EXPORT_DELETED)
+    # before the reply.  The session writes the reply before the event loop gets to
+    # run the daemon's shutdown, and the server flushes every client before closing it.
+    from vexport.exports import delete_all_exports
+
+    await delete_all_exports(daemon)
     daemon.request_quit()
     return {}
 
