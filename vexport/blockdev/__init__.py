@@ -6,13 +6,15 @@ class; ``BlockGraph`` uses it to open nodes.
 
 from __future__ import annotations
 
+from vexport.blockdev.blkdebug import BlkdebugNode
 from vexport.blockdev.file import FileNode, HostDeviceNode
 from vexport.blockdev.node import BlockNode
 from vexport.blockdev.null import NullAioNode, NullNode
 from vexport.blockdev.raw import RawNode
 
 DRIVERS: dict[str, type[BlockNode]] = {
-    cls.driver: cls for cls in (FileNode, HostDeviceNode, NullNode, NullAioNode, RawNode)
+    cls.driver: cls
+    for cls in (BlkdebugNode, FileNode, HostDeviceNode, NullNode, NullAioNode, RawNode)
 }
 
 __all__ = ["DRIVERS", "BlockNode"]

@@ -26,9 +26,14 @@ async def blockdev_del(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("query-named-block-nodes", schema="query-named-block-nodes")
 async def query_named_block_nodes(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
-    # ``flat`` only drops the backing chain ("backing-image"); vexport's drivers
-    # have no backing files, so both forms are the same.
-    return [node.query() for node in daemon.graph.nodes]
+    # ``flat`` drops the backing chain ("backing-image", which blkdebug shows for its
+    # image) and reports a depth of 0, as QSD does.
+    entries = [node.query() for node in daemon.graph.nodes]
+    if args.get("flat"):
+        for entry in entries:
+            entry.get("image", {}).pop("backing-image", None)
+            entry["backing_file_depth"] = 0
+    return entries
 
 
 @command("block_resize", schema="block_resize")
