@@ -1,7 +1,6 @@
 """Reference behaviour of a file-backed vduse-blk export, checked in the real-kernel guest.
 
-The daemon is a fixture parameter: qemu-storage-daemon now; vexport joins once its
-vduse-blk export exists (add it to DAEMONS).
+The daemon is a fixture parameter: qemu-storage-daemon (the reference) and vexport.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from guest import helpers
 pytestmark = pytest.mark.guest
 
 DAEMONS = {
-    "qsd": ["qemu-storage-daemon"],
+    "qsd": helpers.QSD,
+    "vexport": helpers.VEXPORT,  # <repo>/.venv/bin/vexport
 }
 
 SIZE = 64 * 1024 * 1024

@@ -234,8 +234,11 @@ class VduseBlkExport(BlockExport):
         req.iov = []  # drop views into the mapped memory
         queue.complete(generation, req.head, used_len)
         self._inflight -= 1
-        if self._inflight == 0 and self._drained is not None:
-            self._drained.set()
+        if self._inflight == 0:
+            if self.device is not None:
+                self.device.collect_retired()
+            if self._drained is not None:
+                self._drained.set()
 
     def on_queues_stopped(self) -> None:
         pass

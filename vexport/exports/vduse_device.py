@@ -514,6 +514,8 @@ class VduseDevice:
 
     def collect_retired(self) -> None:
         """Unmap removed regions that no request holds a view into any more."""
+        if not self._retired:
+            return
         still: list[mmap.mmap] = []
         for mapping in self._retired:
             try:
