@@ -287,6 +287,12 @@ class VduseBlkExport(BlockExport):
     async def stop(self, mode: str) -> None:
         self._stopping = True
         await self.drain()
+        if self.writable:
+            # Everything the driver was told is done reaches the backend's storage.
+            try:
+                await self.node.co_flush()
+            except OSError as e:
+                log.error("vduse-blk %s: flushing at shutdown failed: %s", self.id, e)
         if self.resize in self.node.resize_listeners:
             self.node.resize_listeners.remove(self.resize)
         if self.device is not None:
