@@ -479,7 +479,7 @@ async def test_blk_blkdebug_errors_fail_only_the_chosen_requests(
     graph.close_all()
 
 
-async def test_blk_malformed_chains_complete_with_zero_and_serving_goes_on(
+async def test_blk_malformed_chains_complete_with_ioerr_and_serving_goes_on(
     bguest: BlkGuest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     export, graph = await make_export(
@@ -489,9 +489,15 @@ async def test_blk_malformed_chains_complete_with_zero_and_serving_goes_on(
     drv = bguest.drivers[0]
     no_header = drv.add_chain([b"short"], [1])  # BlkRequestError
     outside = drv.add_raw_chain([(0x7FFF_0000, 16, False), (MiB, 1, True)])  # not mapped
+    no_status = drv.add_chain([bytes(16)], [])  # nowhere to put a status byte
     ok = bguest.request_chain(VIRTIO_BLK_T_FLUSH)
-    used = dict(await serve(bguest, 3))
-    assert used == {no_header.head: 0, outside.head: 0, ok.head: 1}
+    for chain in (no_header, outside):  # a driver may leave a stale OK there
+        drv.write(chain.writable[-1][0], b"\0")
+    used = dict(await serve(bguest, 4))
+    # Where the chain has a writable last byte, it says IOERR (used length 1).
+    assert used == {no_header.head: 1, outside.head: 1, no_status.head: 0, ok.head: 1}
+    assert drv.read(no_header.writable[-1][0], 1) == bytes([VIRTIO_BLK_S_IOERR])
+    assert drv.read(MiB, 1) == bytes([VIRTIO_BLK_S_IOERR])
     assert bguest.status(ok) == VIRTIO_BLK_S_OK
     # A head out of range is skipped (nothing to complete); the next one is served.
     drv.put_avail(BLK_QSIZE + 3)

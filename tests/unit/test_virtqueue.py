@@ -568,3 +568,34 @@ def test_random_rings_raise_only_virtqueue_errors(
         assert sum(len(v) for v in chain.writable) == chain.write_len
         for v in chain.readable + chain.writable:
             assert isinstance(v, memoryview)
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_last_writable_byte_of_a_malformed_chain(indirect: bool) -> None:
+    drv = FakeDriver(8)
+    vq = drv.queue(indirect=True)
+    status = drv.alloc(1)
+    # The data buffer is unmapped: the chain fails, but its status byte is reachable.
+    chain = drv.add_raw_chain(
+        [(drv.alloc(16), 16, False), (0x7000_0000, 512, True), (status, 1, True)],
+        indirect=indirect,
+    )
+    with pytest.raises(E.DescriptorOutsideMemory) as info:
+        vq.pop()
+    assert info.value.head == chain.head
+    view = vq.last_writable_byte(chain.head)
+    assert view is not None
+    view[0] = 0xAB
+    assert drv.read(status, 1) == b"\xab"
+
+
+def test_last_writable_byte_none_when_unreachable() -> None:
+    drv = FakeDriver(8)
+    vq = drv.queue()
+    only_readable = drv.add_raw_chain([(drv.alloc(16), 16, False)])
+    unmapped_status = drv.add_raw_chain([(drv.alloc(16), 16, False), (0x7000_0000, 1, True)])
+    assert vq.last_writable_byte(only_readable.head) is None
+    assert vq.last_writable_byte(unmapped_status.head) is None
+    # A loop does not hang it: descriptor 0 points at itself.
+    drv.write_desc(0, drv.alloc(1), 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
+    assert vq.last_writable_byte(0) is not None

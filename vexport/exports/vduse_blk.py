@@ -209,7 +209,7 @@ class VduseBlkExport(BlockExport):
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                     if qlog is not None:
                         qlog.popped(err.head)
-                    queue.complete(generation, err.head, 0)
+                    self._fail_malformed(queue, generation, err.head)
                     continue
                 if not chains:
                     break
@@ -221,13 +221,26 @@ class VduseBlkExport(BlockExport):
                         req = parse(chain)
                     except BlkRequestError as err:
                         log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
-                        queue.complete(generation, chain.head, 0)
+                        self._fail_malformed(queue, generation, chain.head)
                         continue
                     req.user = (queue, generation)
                     self._inflight += 1
                     execute(req, node, done)
         finally:
             node.unplug()
+
+    def _fail_malformed(self, queue: VduseQueue, generation: int, head: int) -> None:
+        """Complete a chain that failed validation: IOERR in its status byte when one
+        can be found (a driver may not clear the byte before reusing it), else used
+        length 0."""
+        vq = queue.vq
+        status = vq.last_writable_byte(head) if vq is not None else None
+        if status is not None:
+            status[0] = blk.VIRTIO_BLK_S_IOERR
+            status.release()
+            queue.complete(generation, head, 1)
+        else:
+            queue.complete(generation, head, 0)
 
     def _done(self, req: BlkRequest, used_len: int) -> None:
         queue, generation = req.user
@@ -256,7 +269,7 @@ class VduseBlkExport(BlockExport):
                     req = self.blk.parse(chain)
                 except BlkRequestError as err:
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
-                    queue.complete(generation, chain.head, 0)
+                    self._fail_malformed(queue, generation, chain.head)
                     continue
                 req.user = (queue, generation)
                 self._inflight += 1

@@ -404,6 +404,37 @@ class SplitQueue:
             if index >= limit:
                 raise DescriptorOutOfRange(f"next index {index} >= table size {limit}")
 
+    def last_writable_byte(self, head: int) -> memoryview | None:
+        """Best effort, for a chain that failed validation: a view of the last byte of
+        its last device-writable descriptor (where a virtio-blk driver expects the
+        status), or None if the chain gives no usable one.  Never raises."""
+        try:
+            table = self._desc
+            limit = self.size
+            index, count, in_indirect = head, 0, False
+            last: tuple[int, int] | None = None
+            while count < limit:
+                count += 1
+                addr, length, flags, nxt = DESC.unpack_from(table, index << 4)
+                if flags & VRING_DESC_F_INDIRECT:
+                    if in_indirect or not self.indirect or length == 0 or length & 15:
+                        return None
+                    view = self.memory.view(addr, length, False)
+                    if view is None:
+                        return None
+                    table, limit, index, count, in_indirect = view, length >> 4, 0, 0, True
+                    continue
+                if flags & VRING_DESC_F_WRITE and length:
+                    last = (addr, length)
+                if not flags & VRING_DESC_F_NEXT or nxt >= limit:
+                    break
+                index = nxt
+            if last is None or last[0] + last[1] > _IOVA_LIMIT:
+                return None
+            return self.memory.view(last[0] + last[1] - 1, 1, True)
+        except Exception:
+            return None
+
     # -- completing requests -----------------------------------------------------------
 
     def push(self, head: int, written: int) -> None:

@@ -1,0 +1,1 @@
+"""Stand-alone tools shipped with vexport (test clients, diagnostics)."""
