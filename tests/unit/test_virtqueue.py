@@ -599,3 +599,13 @@ def test_last_writable_byte_none_when_unreachable() -> None:
     # A loop does not hang it: descriptor 0 points at itself.
     drv.write_desc(0, drv.alloc(1), 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
     assert vq.last_writable_byte(0) is not None
+
+
+def test_ring_indices_use_single_store_formats() -> None:
+    """Regression guard: "<H" packs byte by byte in CPython, so a driver on another CPU
+    could read a torn used->idx (seen in the guest as "id N is not a head!").  The
+    native format copies the field with one memcpy (one aligned 2-byte store)."""
+    from vexport.virtio import virtqueue
+
+    for fmt in (virtqueue.U16.format, virtqueue.USED_ELEM.format, virtqueue.DESC.format):
+        assert fmt[0] not in "<>!=", fmt

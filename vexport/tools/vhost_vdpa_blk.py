@@ -48,7 +48,7 @@ from vexport.kernel import vhost
 from vexport.virtio import blk as vblk
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-U16 = struct.Struct("<H")
+U16 = struct.Struct("H")  # native: one 2-byte store/load (see vexport/virtio/virtqueue.py)
 USED_ELEM = struct.Struct("<II")
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2

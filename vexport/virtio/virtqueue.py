@@ -57,6 +57,7 @@ decision, not per request.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 
 from vexport.virtio.errors import (
@@ -86,9 +87,19 @@ VRING_DESC_F_INDIRECT = 4
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-USED_ELEM = struct.Struct("<II")  # id, len
-U16 = struct.Struct("<H")
+# Native formats, not "<...": CPython packs and unpacks the standard-size formats one
+# byte at a time, so a "<H" store of used->idx going from 0x01ff to 0x0200 is briefly
+# 0x0100 to a driver reading it on another CPU (which then consumes stale used entries:
+# Linux logs "id N is not a head!" and fails the queue), and a "<H" load of avail->idx
+# can combine bytes of two values.  Native formats copy the whole field with one
+# memcpy, which compiles to a single aligned load or store: atomic on x86.  Native order
+# is little endian on the machines vexport runs on (checked below), as virtio wants.
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("vexport's virtqueue needs a little-endian host")
+DESC = struct.Struct("QIHH")  # addr, len, flags, next (16 bytes, no padding)
+USED_ELEM = struct.Struct("II")  # id, len
+U16 = struct.Struct("H")
+assert DESC.size == 16 and USED_ELEM.size == 8 and U16.size == 2
 DESC_SIZE = DESC.size
 MAX_QUEUE_SIZE = 32768
 _IOVA_LIMIT = 1 << 64
