@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -211,28 +211,6 @@ def qmp_wait_event(client: QMPClient, name: str, timeout: float = 30) -> dict[st
             event = None
         if event is not None and event.get("event") == name:
             return event
-
-
-@contextlib.contextmanager
-def attached(
-    cmd: Sequence[str], args: Sequence[str], name: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start the daemon, attach its export ``name`` with vdpa; yield (/dev/vdX, process).
-
-    On exit: detach (waiting for the disk to go away), SIGTERM the daemon and check
-    that it exits with status 0.
-    """
-    proc = start_daemon(cmd, args, name)
-    dev = None
-    try:
-        dev = vdpa_add(name)
-        yield dev, proc
-    finally:
-        if dev is not None and os.path.exists(f"/sys/bus/vdpa/devices/{name}"):
-            vdpa_del(name)
-            wait_for(lambda: not os.path.exists(dev), 30, f"{dev} to go away")
-        status = stop_daemon(proc)
-    assert status == 0, f"daemon exit status {status}:\n{daemon_log(name)}"
 
 
 # --------------------------------------------------------------------------- block devices

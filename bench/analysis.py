@@ -1,0 +1,352 @@
+"""Pure helpers of the benchmark: the matrix, fio JSON parsing, statistics, the table.
+
+No I/O and no third-party imports: `run.py` (host), `guest_bench.py` (guest) and the
+unit tests (tests/unit/test_bench_parsing.py) share them.
+
+Vocabulary
+----------
+A *cell* is one fio workload against one daemon configuration: ``(backend, queues, rw,
+depth)``.  A *session* is one daemon instance (one backend and queue count, one round):
+it serves the ``rw x depth`` cells one after the other.  A *sample* is one fio run of a
+cell by one daemon in one round.  The summary keeps, per cell and daemon, the median
+over the rounds of each measured value, and per cell the vexport/QSD ratio of the
+median IOPS.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DAEMONS = ("qsd", "vexport")
+BACKENDS = ("null", "threads", "native", "nullb")
+RWS = ("randread", "randwrite")
+DEPTHS = (1, 32)
+QUEUES = (1, 2)
+
+BACKEND_LABELS = {
+    "null": "null-co",
+    "threads": "file aio=threads",
+    "native": "file aio=native",
+    "nullb": "nullb0 aio=native",
+}
+
+# The tmpfs file the two file backends use, and the null-co size.
+FILE_PATH = "/tmp/bench.img"
+FILE_SIZE = 256 << 20
+NULL_SIZE = 1 << 30
+NULLB_DEV = "/dev/nullb0"
+
+
+def blockdev_arg(backend: str) -> str:
+    """The ``--blockdev`` option (the same for both daemons)."""
+    if backend == "null":
+        return f"driver=null-co,node-name=disk0,size={NULL_SIZE}"
+    if backend == "threads":
+        return f"driver=file,filename={FILE_PATH},node-name=disk0,aio=threads"
+    if backend == "native":
+        return f"driver=file,filename={FILE_PATH},node-name=disk0,aio=native,cache.direct=on"
+    if backend == "nullb":
+        return f"driver=host_device,filename={NULLB_DEV},node-name=disk0,aio=native,cache.direct=on"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def export_arg(name: str, queues: int) -> str:
+    return f"type=vduse-blk,id=exp0,node-name=disk0,name={name},writable=on,num-queues={queues}"
+
+
+def daemon_args(backend: str, name: str, queues: int) -> list[str]:
+    return ["--blockdev", blockdev_arg(backend), "--export", export_arg(name, queues)]
+
+
+def fio_args(dev: str, rw: str, depth: int, numjobs: int, runtime: float) -> list[str]:
+    """fio argv for one cell.  Two jobs are pinned one per vCPU so both queues work."""
+    args = [
+        "fio",
+        "--name=bench",
+        f"--filename={dev}",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--bs=4k",
+        f"--rw={rw}",
+        f"--iodepth={depth}",
+        f"--numjobs={numjobs}",
+        "--time_based",
+        f"--runtime={runtime:g}",
+        "--group_reporting",
+        "--output-format=json",
+    ]
+    if numjobs > 1:
+        args += [f"--cpus_allowed=0-{numjobs - 1}", "--cpus_allowed_policy=split"]
+    return args
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    backend: str
+    queues: int
+    rw: str
+    depth: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend}/q{self.queues}/{self.rw}/d{self.depth}"
+
+    @property
+    def label(self) -> str:
+        rw = "read" if self.rw == "randread" else "write"
+        return f"{BACKEND_LABELS.get(self.backend, self.backend)} q{self.queues} {rw} d{self.depth}"
+
+    def sort_key(self) -> tuple[int, int, int, int]:
+        """Matrix order: backend as in BACKENDS, then queues, rw, depth."""
+        b = BACKENDS.index(self.backend) if self.backend in BACKENDS else len(BACKENDS)
+        return (b, self.queues, RWS.index(self.rw) if self.rw in RWS else 9, self.depth)
+
+    @classmethod
+    def from_key(cls, key: str) -> Cell:
+        backend, q, rw, d = key.split("/")
+        return cls(backend, int(q[1:]), rw, int(d[1:]))
+
+
+def matrix(
+    backends: Sequence[str] = BACKENDS,
+    queues: Sequence[int] = QUEUES,
+    rws: Sequence[str] = RWS,
+    depths: Sequence[int] = DEPTHS,
+) -> list[Cell]:
+    return [Cell(b, q, rw, d) for b in backends for q in queues for rw in rws for d in depths]
+
+
+def session_order(round_no: int, slot: int) -> tuple[str, str]:
+    """Which daemon goes first in the ``slot``-th (backend, queues) pair of a round.
+
+    A B in one slot, B A in the next; and each slot swaps its order every round (whatever
+    the number of slots per round), so each daemon goes first equally often.
+    """
+    return DAEMONS if (round_no + slot) % 2 == 0 else (DAEMONS[1], DAEMONS[0])
+
+
+# --------------------------------------------------------------------------- fio
+
+
+@dataclass
+class FioResult:
+    iops: float
+    total_ios: int
+    clat_median_us: float | None
+    clat_mean_us: float | None
+    fio_usr_cpu: float
+    fio_sys_cpu: float
+    errors: int
+
+
+def parse_fio(doc: Mapping[str, Any], rw: str) -> FioResult:
+    """The numbers of one ``--group_reporting --output-format=json`` run.
+
+    ``rw`` selects the ``read`` or ``write`` section.  Latencies are in microseconds;
+    the median is fio's 50th percentile of completion latency (absent if fio was run
+    without percentiles).
+    """
+    jobs = doc.get("jobs") or []
+    if not jobs:
+        raise ValueError("fio output has no jobs")
+    job = jobs[0]
+    section = job["write" if "write" in rw else "read"]
+    clat = section.get("clat_ns") or {}
+    pct = clat.get("percentile") or {}
+    median = None
+    for key, value in pct.items():
+        if math.isclose(float(key), 50.0):
+            median = float(value) / 1000
+    mean = clat.get("mean")
+    return FioResult(
+        iops=float(section["iops"]),
+        total_ios=int(section.get("total_ios", 0)),
+        clat_median_us=median,
+        clat_mean_us=None if mean is None else float(mean) / 1000,
+        fio_usr_cpu=float(job.get("usr_cpu", 0.0)),
+        fio_sys_cpu=float(job.get("sys_cpu", 0.0)),
+        errors=int(job.get("error", 0)),
+    )
+
+
+def extract_json(text: str) -> dict[str, Any]:
+    """fio may print warnings before its JSON document: parse from the first '{'."""
+    import json
+
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in fio output")
+    doc: dict[str, Any] = json.JSONDecoder().raw_decode(text[start:])[0]
+    return doc
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_ticks_from_stat(stat: str) -> tuple[int, int]:
+    """(utime+stime, cutime+cstime) in clock ticks from a /proc/PID/stat line.
+
+    The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    """
+    rest = stat[stat.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); utime is field 14 -> rest[11].
+    utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
+    return utime + stime, cutime + cstime
+
+
+def ppid_from_stat(stat: str) -> int:
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def pss_kib_from_rollup(text: str) -> int:
+    """The ``Pss:`` line of /proc/PID/smaps_rollup, in KiB."""
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise ValueError("no Pss line in smaps_rollup")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def geomean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    if not vals or any(v <= 0 for v in vals):
+        return None if not vals else 0.0
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+# An error sample for a cell that was skipped because an earlier cell broke the session:
+# not a failure of that cell.
+NOT_RUN = "not run:"
+
+SAMPLE_FIELDS = (
+    "iops",
+    "clat_median_us",
+    "clat_mean_us",
+    "cpu_s_per_kio",
+    "pss_idle_mib",
+    "pss_load_mib",
+)
+
+
+def summarise(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per cell: medians per daemon, the IOPS ratio, failures; overall geomean and worst.
+
+    ``samples`` are dicts with ``cell`` (key), ``daemon``, ``round`` and either the
+    SAMPLE_FIELDS or ``error``.  A cell where vexport failed in any round has ratio 0
+    (it counts as the worst cell); a cell where QSD failed has no ratio.
+    """
+    by_cell: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    for s in samples:
+        by_cell.setdefault(s["cell"], {}).setdefault(s["daemon"], []).append(s)
+    cells: dict[str, Any] = {}
+    for key in sorted(by_cell, key=lambda k: Cell.from_key(k).sort_key()):
+        entry: dict[str, Any] = {"label": Cell.from_key(key).label}
+        for daemon in DAEMONS:
+            runs = by_cell[key].get(daemon, [])
+            ok = [r for r in runs if "error" not in r]
+            skipped = [r for r in runs if str(r.get("error", "")).startswith(NOT_RUN)]
+            d: dict[str, Any] = {
+                "rounds": len(runs),
+                "failed": len(runs) - len(ok) - len(skipped),
+                "not_run": len(skipped),
+                "errors": sorted({str(r["error"]) for r in runs if "error" in r}),
+                "iops_samples": [r["iops"] for r in ok],
+            }
+            for field in SAMPLE_FIELDS:
+                d[field] = median(r.get(field) for r in ok)
+            entry[daemon] = d
+        q, v = entry["qsd"], entry["vexport"]
+        if v["failed"] and q["iops"]:
+            entry["ratio"] = 0.0
+        else:
+            entry["ratio"] = ratio(v["iops"], q["iops"])
+        cells[key] = entry
+    ratios = {k: c["ratio"] for k, c in cells.items() if c["ratio"] is not None}
+    worst = min(ratios, key=lambda k: ratios[k]) if ratios else None
+    return {
+        "cells": cells,
+        "geomean": geomean(ratios.values()),
+        "geomean_without_failed": geomean(r for r in ratios.values() if r > 0),
+        "worst_cell": worst,
+        "worst_ratio": ratios[worst] if worst else None,
+    }
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_HEADER = (
+    "cell",
+    "QSD IOPS",
+    "vx IOPS",
+    "vx/QSD",
+    "QSD lat50",
+    "vx lat50",
+    "QSD cpu/kIO",
+    "vx cpu/kIO",
+    "QSD PSS idle/load",
+    "vx PSS idle/load",
+)
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """A plain-text table (latency in us at depth 1; CPU s per 1,000 I/Os; PSS MiB)."""
+    rows: list[tuple[str, ...]] = [TABLE_HEADER]
+    for entry in summary["cells"].values():
+        q, v = entry["qsd"], entry["vexport"]
+        depth1 = entry["label"].endswith(" d1")
+        rows.append(
+            (
+                entry["label"],
+                _fmt(q["iops"], ".0f"),
+                _fmt(v["iops"], ".0f") + (f" ({v['failed']} failed)" if v["failed"] else ""),
+                _fmt(entry["ratio"], ".2f"),
+                _fmt(q["clat_median_us"] if depth1 else None, ".0f"),
+                _fmt(v["clat_median_us"] if depth1 else None, ".0f"),
+                _fmt(q["cpu_s_per_kio"], ".3f"),
+                _fmt(v["cpu_s_per_kio"], ".3f"),
+                f"{_fmt(q['pss_idle_mib'], '.1f')}/{_fmt(q['pss_load_mib'], '.1f')}",
+                f"{_fmt(v['pss_idle_mib'], '.1f')}/{_fmt(v['pss_load_mib'], '.1f')}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    gm = summary.get("geomean")
+    worst = summary.get("worst_cell")
+    lines.append("")
+    lines.append(f"geometric mean of vexport/QSD IOPS ratios: {_fmt(gm, '.3f')}")
+    gm_ok = summary.get("geomean_without_failed")
+    if gm_ok != gm:
+        lines.append(f"  (over the cells where vexport never failed: {_fmt(gm_ok, '.3f')})")
+    if worst:
+        label = summary["cells"][worst]["label"]
+        lines.append(f"worst cell: {label}: {summary['worst_ratio']:.3f}")
+    return "\n".join(lines)
