@@ -517,6 +517,18 @@ async def run(options: list[Option], first: FirstPass, ready_fd: int | None) -> 
             pidfile.remove()
 
 
+def _run_profiled(path: str, options: list[Option], first: FirstPass, ready_fd: int | None) -> int:
+    """VEXPORT_PROFILE=FILE: run under cProfile and write its statistics to FILE at exit
+    (for bench/: where the daemon's CPU goes in the real-kernel guest)."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(asyncio.run, run(options, first, ready_fd))
+    finally:
+        profiler.dump_stats(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``vexport`` console script."""
     if argv is None:
@@ -531,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExitNow as e:
         return e.status
     ready_fd = daemonize() if first.daemonize else None
+    profile_path = os.environ.get("VEXPORT_PROFILE")
     try:
+        if profile_path:
+            return _run_profiled(profile_path, options, first, ready_fd)
         return asyncio.run(run(options, first, ready_fd))
     except UsageError as e:
         sys.stderr.write(f"{PROG}: {e}\n")

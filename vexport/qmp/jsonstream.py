@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,7 @@ class JSONStream:
         self._state = _START
         self._quote = 0
         self._raw = bytearray()  # text of the current token (numbers, keywords, \u escapes)
+        self._word_over = False  # the current number/keyword is over the size limit
         self._parts: list[str] = []  # decoded pieces of the current string
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._str_error: str | None = None  # poisons the current string
@@ -129,14 +131,16 @@ class JSONStream:
                 j = i
                 while j < n and data[j] in chars:
                     j += 1
-                self._raw += data[i:j]
                 self._msg_bytes += j - i
+                if self._word_over or self._msg_bytes > self.max_bytes:
+                    self._word_over = True  # poisons the message once the word ends
+                    self._raw.clear()
+                else:
+                    self._raw += data[i:j]
                 if j < n:
                     self._end_word(data[j])
                     if self._state == _RECOVER:
                         j += 1  # the terminator belonged to the bad token
-                elif self._msg_bytes > self.max_bytes:
-                    self._lexer_error("JSON token size limit exceeded")
                 i = j
             else:  # _RECOVER
                 c = data[i]
@@ -175,15 +179,12 @@ class JSONStream:
             chunk = m.group()
             i = m.end()
             self._str_len += len(chunk)
-            if self._over_budget(self._str_len):
-                self._str_error = self._str_error or "JSON token size limit exceeded"
             try:
                 text = self._decoder.decode(chunk)
             except UnicodeDecodeError:
                 self._lexer_error(f"stray '{_show(bytes([self._quote]) + chunk)}'")
                 return i
-            if self._str_error is None:
-                self._parts.append(text)
+            self._append(text)
             if i == len(data):
                 return i
         c = data[i]
@@ -213,7 +214,7 @@ class JSONStream:
         if c == 0x75:  # u
             self._state, self._raw = _UNICODE, bytearray(b"\\u")
         elif c in _SIMPLE_ESCAPES:
-            self._parts.append(_SIMPLE_ESCAPES[c])
+            self._append(_SIMPLE_ESCAPES[c])
         elif c < 0x20:
             self._lexer_error(f"stray '{_show(bytes([self._quote, 0x5C, c]))}'")
         else:
@@ -226,7 +227,7 @@ class JSONStream:
         self._raw.append(c)
         if c in _HEX:
             if len(self._raw) == 6:
-                self._parts.append(chr(int(self._raw[2:], 16)))
+                self._append(chr(int(self._raw[2:], 16)))
                 self._state = _STRING
             return
         if c < 0x20:
@@ -240,6 +241,16 @@ class JSONStream:
             self._state = _START
             self._msg_bytes += self._str_len
             self._token(("!", self._str_error))
+
+    def _append(self, text: str) -> None:
+        """Keep decoded string text while the message is within its size budget."""
+        if self._str_error is not None:
+            return
+        if self._over_budget(self._str_len):
+            self._str_error = "JSON token size limit exceeded"
+            self._parts = []
+            return
+        self._parts.append(text)
 
     def _finish_string(self) -> None:
         text = "".join(self._parts)
@@ -257,6 +268,10 @@ class JSONStream:
     def _end_word(self, terminator: int) -> None:
         raw = bytes(self._raw)
         self._state = _START
+        if self._word_over:
+            self._word_over = False
+            self._token(("!", "JSON token size limit exceeded"))
+            return
         if raw[0] not in _KEYWORD_CHARS:
             m = _NUMBER_RE.fullmatch(raw)
             if m is None:
@@ -322,7 +337,9 @@ def _show(raw: bytes | bytearray) -> str:
 
 
 def _number(raw: bytes, m: re.Match[bytes]) -> int | float:
-    if m.group(1) is None and m.group(2) is None:
+    # An integer of more than 20 digits fits neither int64 nor uint64 (and int() refuses
+    # strings of more than 4300 digits): it becomes a double, as in QEMU.
+    if m.group(1) is None and m.group(2) is None and len(raw) <= 20:
         value = int(raw)
         if -(1 << 63) <= value < (1 << 64):
             return value
@@ -441,14 +458,39 @@ def encode(value: Any, pretty: bool = False) -> str:
     """Serialise like QEMU: ``{"a": 1, "b": [1, 2]}``, pure ASCII, ``\\uXXXX`` escapes.
 
     ``pretty`` gives QEMU's pretty form (four-space indent, ``{`` and ``}`` of an empty
-    object on separate lines).
+    object on separate lines).  Iterative: any depth the parser accepts can be echoed.
     """
     out: list[str] = []
-    _encode(value, out, pretty, 0)
+    stack: list[tuple[str, int, Iterator[tuple[str | None, Any]], list[int]]] = []
+    _emit(value, out, stack, 0)
+    while stack:
+        closing, level, items, count = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            if pretty:
+                out.append("\n" + "    " * level)
+            out.append(closing)
+            continue
+        key, item = entry
+        if count[0]:
+            out.append("," if pretty else ", ")
+        count[0] += 1
+        if pretty:
+            out.append("\n" + "    " * (level + 1))
+        if key is not None:
+            out.append(encode_string(key))
+            out.append(": ")
+        _emit(item, out, stack, level + 1)
     return "".join(out)
 
 
-def _encode(value: Any, out: list[str], pretty: bool, level: int) -> None:
+def _emit(
+    value: Any,
+    out: list[str],
+    stack: list[tuple[str, int, Iterator[tuple[str | None, Any]], list[int]]],
+    level: int,
+) -> None:
     if isinstance(value, str):
         out.append(encode_string(value))
     elif value is None:
@@ -467,33 +509,10 @@ def _encode(value: Any, out: list[str], pretty: bool, level: int) -> None:
         else:
             out.append("inf" if value > 0 else "-inf" if value < 0 else "nan")
     elif isinstance(value, dict):
-        _encode_container("{", "}", list(value.items()), out, pretty, level)
+        out.append("{")
+        stack.append(("}", level, iter(value.items()), [0]))
     elif isinstance(value, list | tuple):
-        _encode_container("[", "]", [(None, v) for v in value], out, pretty, level)
+        out.append("[")
+        stack.append(("]", level, ((None, v) for v in value), [0]))
     else:
         raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-def _encode_container(
-    opening: str,
-    closing: str,
-    items: list[tuple[str | None, Any]],
-    out: list[str],
-    pretty: bool,
-    level: int,
-) -> None:
-    out.append(opening)
-    inner = "\n" + "    " * (level + 1) if pretty else ""
-    for index, (key, item) in enumerate(items):
-        if index:
-            out.append(",")
-            if not pretty:
-                out.append(" ")
-        out.append(inner)
-        if key is not None:
-            out.append(encode_string(key))
-            out.append(": ")
-        _encode(item, out, pretty, level + 1)
-    if pretty:
-        out.append("\n" + "    " * level)
-    out.append(closing)
