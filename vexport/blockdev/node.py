@@ -45,6 +45,7 @@ from vexport.blockdev.perms import (
     PERM_WRITE_UNCHANGED,
 )
 from vexport.errors import GenericError
+from vexport.io import completions
 
 Done = Callable[[int], None]
 ResizeListener = Callable[[int], None]
@@ -146,8 +147,9 @@ class BlockNode:
         return loop
 
     def complete_later(self, done: Done, ret: int) -> None:
-        """Deliver ``ret`` to ``done`` from the loop, never synchronously."""
-        self.loop.call_soon(done, ret)
+        """Deliver ``ret`` to ``done`` from the loop, never synchronously (batched with
+        the other completions of the iteration, see vexport/io/completions.py)."""
+        completions.defer(self.loop, done, ret)
 
     def _check(self, offset: int, nbytes: int, write: bool) -> int:
         if write and self.read_only:

@@ -33,7 +33,7 @@ class NullNode(BlockNode):
         if self.latency:
             self.loop.call_later(self.latency, done, 0)
         else:
-            self.loop.call_soon(done, 0)
+            self.complete_later(done, 0)
 
     def _preadv(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
         if self.read_zeroes:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from vexport.exports.inflight_log import InflightLog, LogConfig, QueueLog
+from vexport.io import completions
 from vexport.kernel import vduse as kv
 from vexport.virtio.memory import PERM_READ, PERM_RW, PERM_WRITE, RegionMemory
 from vexport.virtio.virtqueue import DescriptorChain, SplitQueue, used_ring_size
@@ -207,6 +208,7 @@ class VduseDevice:
             control.close()
             raise
         device = cls(name, control, dev, num_queues, queue_size, device_type, log)
+        completions.add_hook(device.flush_notifications)
         if not created:
             device.reattach()
         device._loop.add_reader(dev.fd, device._on_control)
@@ -431,7 +433,13 @@ class VduseDevice:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(queue.kick_fd)
         if queue.running:
-            self.device_type.on_kick(queue)
+            # Requests completed synchronously while popping (refused ones, GET_ID)
+            # are signalled when the batch ends.
+            completions.begin()
+            try:
+                self.device_type.on_kick(queue)
+            finally:
+                completions.end()
 
     def queue_broken(self, queue: VduseQueue, reason: str) -> None:
         """The driver corrupted the ring beyond recovery: stop serving this queue."""
@@ -443,12 +451,16 @@ class VduseDevice:
     # -- interrupts -------------------------------------------------------------------
     def schedule_notify(self, queue: VduseQueue) -> None:
         self._notify_pending.append(queue)
+        if completions.in_batch():
+            return  # flushed by the end-of-batch hook, in this loop iteration
         if not self._notify_scheduled:
             self._notify_scheduled = True
             self._loop.call_soon(self.flush_notifications)
 
     def flush_notifications(self) -> None:
         self._notify_scheduled = False
+        if not self._notify_pending:
+            return
         pending, self._notify_pending = self._notify_pending, []
         for queue in pending:
             queue.needs_notify = False
@@ -537,6 +549,7 @@ class VduseDevice:
             return False
         self.stop_queues()
         self._closed = True
+        completions.remove_hook(self.flush_notifications)
         self._loop.remove_reader(self.dev.fd)
         self._invalidate(0, (1 << 64) - 1)
         self.dev.close()

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from vexport.io import completions
 from vexport.io.iov import iov_advance
 from vexport.io.threads import ThreadPoolEngine
 
@@ -166,13 +167,17 @@ class SlotEngine:
                 continue
             calls.append((done, res + acc if res >= 0 else res))
         self._fill_from_waiting()
-        for done, ret in calls:
-            try:
-                done(ret)
-            except Exception as e:
-                self._loop.call_exception_handler(
-                    {"message": "exception in I/O completion callback", "exception": e}
-                )
+        completions.begin()
+        try:
+            for done, ret in calls:
+                try:
+                    done(ret)
+                except Exception as e:
+                    self._loop.call_exception_handler(
+                        {"message": "exception in I/O completion callback", "exception": e}
+                    )
+        finally:
+            completions.end()
         if not self._plugged:
             self._flush()
 

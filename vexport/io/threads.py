@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from vexport.io import completions
 from vexport.io.iov import iov_advance, iov_length
 from vexport.kernel import aio as kaio
 
@@ -164,13 +165,17 @@ class ThreadPoolEngine:
         with self._lock:
             batch = self._completed
             self._completed = []
-        for done, ret in batch:
-            try:
-                done(ret)
-            except Exception as e:
-                self._loop.call_exception_handler(
-                    {"message": "exception in I/O completion callback", "exception": e}
-                )
+        completions.begin()
+        try:
+            for done, ret in batch:
+                try:
+                    done(ret)
+                except Exception as e:
+                    self._loop.call_exception_handler(
+                        {"message": "exception in I/O completion callback", "exception": e}
+                    )
+        finally:
+            completions.end()
 
     def close(self) -> None:
         """Stop the workers after the queued jobs ran; undelivered callbacks are dropped."""
