@@ -143,6 +143,10 @@ class _HostSide:
         for rep in self._host_reports(item):
             item.ihook.pytest_runtest_logreport(report=rep)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        # Host items set up before this one (e.g. the module of test_runner.py) must be
+        # torn down as the normal protocol would, or the next host item's setup fails
+        # with "previous item was not torn down properly".
+        item.session._setupstate.teardown_exact(nextitem)
         return True
 
     def _run_guest(self) -> None:
