@@ -611,3 +611,24 @@ async def test_writes_on_read_only_export_fail(
     assert bguest.status(c) == VIRTIO_BLK_S_IOERR
     await export.stop("safe")
     graph.close_all()
+
+
+async def test_blk_export_holds_its_node_until_stopped(
+    bguest: BlkGuest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+    export, graph = await make_export(
+        bguest, monkeypatch, tmp_path, {"driver": "file", "node-name": "f0", "filename": str(img)}
+    )
+    with pytest.raises(GenericError, match=r"^Node f0 is in use$"):
+        graph.delete("f0")
+    assert graph.users(export.node) == [export]
+    # The export took write permission: a second writer of the node is refused.
+    from vexport.blockdev.perms import PERM_CONSISTENT_READ, PERM_WRITE
+
+    with pytest.raises(GenericError):
+        graph.add_user(export.node, object(), PERM_CONSISTENT_READ | PERM_WRITE, 0)
+    await export.stop("safe")
+    assert graph.users(export.node) == []
+    graph.delete("f0")

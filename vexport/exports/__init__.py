@@ -61,11 +61,14 @@ class BlockExport:
         """Type-specific option checks, raising GenericError, before anything is created."""
 
     async def start(self) -> None:
-        """Create the device / start serving.  Raise GenericError on failure."""
+        """Take the node (``graph.add_user`` with the permissions the export needs),
+        create the device and start serving.  Raise GenericError on failure, with the
+        node released."""
         raise NotImplementedError
 
     async def stop(self, mode: str) -> None:
-        """Stop taking requests, drain the ones in flight, release the device."""
+        """Stop taking requests, drain the ones in flight, release the device and the
+        node (``graph.remove_user``)."""
         raise NotImplementedError
 
     def resize(self, new_length: int) -> None:
@@ -108,8 +111,7 @@ async def add_export(daemon: Daemon, options: dict[str, Any]) -> BlockExport:
     export = cls(daemon, options, node)
     await export.start()
     export.state = ExportState.RUNNING
-    daemon.exports[export_id] = export
-    daemon.graph.add_user(node, export)
+    daemon.exports[export_id] = export  # start() took the node (graph.add_user)
     log.info("export %s (%s) of node %s is running", export_id, export_type, node.node_name)
     return export
 
@@ -126,8 +128,7 @@ async def delete_export(daemon: Daemon, export_id: str, mode: str = "safe") -> N
     except BaseException:
         export.state = ExportState.RUNNING
         raise
-    del daemon.exports[export_id]
-    daemon.graph.remove_user(export.node, export)
+    del daemon.exports[export_id]  # stop() released the node
     daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export_id})
 
 
