@@ -66,3 +66,21 @@ async def test_a_failing_callback_or_hook_does_not_stop_the_others() -> None:
     finally:
         completions.remove_hook(bad_hook)
         completions.remove_hook(good_hook)
+
+
+async def test_completions_deferred_inside_a_batch_run_before_its_hooks() -> None:
+    """A null node's completion deferred while a batch is open (the kick handler's) is
+    delivered when the batch ends, before the end-of-batch hooks, not in a later loop
+    iteration and not inside the deferring call."""
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    completions.add_hook(lambda: order.append("hook"))
+    hook = completions._hooks[-1]
+    try:
+        completions.begin()
+        completions.defer(loop, lambda ret: order.append(f"done {ret}"), 3)
+        assert order == []  # never inside the submit call
+        completions.end()
+        assert order == ["done 3", "hook"]
+    finally:
+        completions.remove_hook(hook)

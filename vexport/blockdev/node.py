@@ -57,7 +57,12 @@ _ZEROS = bytes(1 << 16)
 
 
 def iov_bytes(iov: list[memoryview]) -> int:
-    return sum(m.nbytes for m in iov)
+    if len(iov) == 1:
+        return iov[0].nbytes
+    total = 0
+    for m in iov:
+        total += m.nbytes
+    return total
 
 
 def iov_is_zero(iov: list[memoryview]) -> bool:

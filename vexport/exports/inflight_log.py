@@ -90,9 +90,11 @@ class QueueLog:
         self.heads[head] = seq
         self.next_seq = seq + 1
 
-    def completed(self, head: int, used_idx: int) -> None:
-        """Hot path: ``head`` was pushed to the used ring, which now ends at used_idx."""
-        self.heads[head] = 0
+    def completed_batch(self, done: list[tuple[int, int]], used_idx: int) -> None:
+        """Hot path: the ``(head, used_len)`` pairs were pushed; used->idx is now used_idx."""
+        heads = self.heads
+        for head, _len in done:
+            heads[head] = 0
         struct.pack_into("<H", self._buf, 0, used_idx & 0xFFFF)
 
     def save_seq(self) -> None:

@@ -25,9 +25,11 @@ cached until an UPDATE_IOTLB or a reset removes them; a removed mmap is closed a
 as no request holds a view into it.
 
 The type-specific part (virtio-blk) sees `on_kick(queue)` calls and completes requests
-with `VduseQueue.complete(head, used_len)`; interrupts are injected once per batch by
-`flush_notifications`, which runs at the end of the loop iteration in which requests
-completed (and only where `SplitQueue.should_notify` says so: EVENT_IDX honoured).
+with `VduseQueue.complete(head, used_len)`, which only collects them; at the end of the
+batch (the completion batch hook, in the loop iteration in which the requests
+completed) `flush_notifications` pushes each queue's collection to its used ring at once
+and injects one interrupt per queue where `SplitQueue.should_notify` says one is due
+(EVENT_IDX honoured).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class VduseQueue:
         self.generation = 0  # bumped at every stop: completions of older ones are dropped
         self.broken = False
         self.needs_notify = False
+        self.completed: list[tuple[int, int]] = []  # (head, used length) not pushed yet
         self.saved_avail_idx = 0
         self.log: QueueLog | None = None
 
@@ -93,17 +96,30 @@ class VduseQueue:
         return self.vq is not None and not self.broken
 
     def complete(self, generation: int, head: int, used_len: int) -> None:
-        """A request popped in ``generation`` finished: put it in the used ring."""
-        vq = self.vq
-        if vq is None or generation != self.generation:
+        """A request popped in ``generation`` finished: collect it for the used ring
+        (pushed with the rest of the batch by `flush`)."""
+        if generation != self.generation or self.vq is None:
             return  # the queue was reset meanwhile: the driver forgot the request
-        vq.push(head, used_len)
-        log = self.log
-        if log is not None:
-            log.completed(head, vq.used_idx)
+        self.completed.append((head, used_len))
         if not self.needs_notify:
             self.needs_notify = True
             self.device.schedule_notify(self)
+
+    def flush(self) -> bool:
+        """Push the collected completions (used->idx written once), record them in the
+        in-flight log; True if the driver is due an interrupt."""
+        self.needs_notify = False
+        done, self.completed = self.completed, []
+        vq = self.vq
+        if vq is None or not done:
+            return False
+        # A ValueError here (a head completed twice: a vexport bug) leaves the log
+        # behind the ring, which recovery repairs from the used ring.
+        vq.push_batch(done)
+        log = self.log
+        if log is not None:
+            log.completed_batch(done, vq.used_idx)
+        return vq.should_notify()
 
 
 class DeviceConfigMismatch(Exception):
@@ -421,6 +437,7 @@ class VduseDevice:
                 queue.vq = None
             queue.generation += 1
             queue.needs_notify = False
+            queue.completed = []
             queue.broken = False
             if reset and queue.log is not None:
                 queue.log.clear()
@@ -463,9 +480,7 @@ class VduseDevice:
             return
         pending, self._notify_pending = self._notify_pending, []
         for queue in pending:
-            queue.needs_notify = False
-            vq = queue.vq
-            if vq is None or not vq.should_notify():
+            if not queue.flush():
                 continue
             try:
                 self.dev.vq_inject_irq(queue.index)

@@ -4,12 +4,14 @@ Theory of operation
 -------------------
 I/O completes in batches: an engine's eventfd handler delivers every finished request at
 once, and completions a node decides without I/O (null drivers, refused requests) are
-deferred to the next loop iteration and delivered together.  Consumers such as the VDUSE
-device want to act once per batch, not once per request (one interrupt per queue per
-batch) and *in the same loop iteration* (no extra wake-up, which at queue depth 1 is a
-good part of the latency).  So whoever delivers a batch brackets it with `begin()` /
-`end()`; the outermost `end()` runs the registered hooks.  Code that completes requests
-outside any batch can ask `in_batch()` and fall back to ``loop.call_soon``.
+deferred and delivered together.  Consumers such as the VDUSE device want to act once
+per batch, not once per request (one interrupt per queue per batch) and *in the same loop
+iteration* (no extra wake-up, which at queue depth 1 is a good part of the latency).  So
+whoever delivers a batch (`deliver`) or submits one (the VDUSE kick handler) brackets it
+with `begin()` / `end()`; the outermost `end()` first delivers the completions deferred
+during the batch (`defer`: a null node's requests complete in the iteration that submitted
+them, yet never inside the submit call), then runs the registered hooks.  Outside any
+batch, `defer` falls back to one ``loop.call_soon`` for everything deferred until it runs.
 
 Everything here runs in the event loop thread.
 """
@@ -27,6 +29,7 @@ Done = Callable[[int], object]
 
 _hooks: list[Hook] = []
 _depth = 0
+_in_batch_deferred: list[tuple[Done, int]] = []
 
 
 def add_hook(hook: Hook) -> None:
@@ -49,8 +52,13 @@ def begin() -> None:
 
 
 def end() -> None:
-    """Close a batch; the outermost one runs every hook."""
+    """Close a batch; the outermost one delivers what was deferred, then runs every hook."""
     global _depth
+    if _depth == 1:
+        while _in_batch_deferred:  # completions may submit (and defer) more
+            batch = _in_batch_deferred[:]
+            _in_batch_deferred.clear()
+            _call_each(batch)
     _depth -= 1
     if _depth == 0:
         for hook in list(_hooks):
@@ -58,6 +66,34 @@ def end() -> None:
                 hook()
             except Exception:
                 log.exception("completion batch hook failed")
+
+
+def _call_each(batch: list[tuple[Done, int]]) -> None:
+    for done, ret in batch:
+        try:
+            done(ret)
+        except Exception as e:
+            _report(e)
+
+
+def _report(e: Exception) -> None:
+    # No local holds the context: a frame -> dict -> exception -> traceback -> frame cycle
+    # would keep the batch's buffers alive until a garbage collection.
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        log.error("exception in I/O completion callback", exc_info=e)
+        return
+    loop.call_exception_handler({"message": "exception in I/O completion callback", "exception": e})
+
+
+def deliver(batch: list[tuple[Done, int]]) -> None:
+    """Run ``done(ret)`` for every pair, as one batch."""
+    begin()
+    try:
+        _call_each(batch)
+    finally:
+        end()
 
 
 class _Deferred:
@@ -75,24 +111,18 @@ class _Deferred:
 
     def run(self) -> None:
         batch, self.pending = self.pending, []
-        begin()
-        try:
-            for done, ret in batch:
-                try:
-                    done(ret)
-                except Exception as e:
-                    self.loop.call_exception_handler(
-                        {"message": "exception in I/O completion callback", "exception": e}
-                    )
-        finally:
-            end()
+        deliver(batch)
 
 
 _deferred: dict[asyncio.AbstractEventLoop, _Deferred] = {}
 
 
 def defer(loop: asyncio.AbstractEventLoop, done: Done, ret: int) -> None:
-    """Deliver ``done(ret)`` in the next iteration of ``loop``, batched with others."""
+    """Deliver ``done(ret)`` at the end of the current batch, or if there is none in the
+    next iteration of ``loop``, batched with others."""
+    if _depth:
+        _in_batch_deferred.append((done, ret))
+        return
     d = _deferred.get(loop)
     if d is None:
         for old in [k for k in _deferred if k.is_closed()]:

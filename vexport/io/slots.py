@@ -167,17 +167,7 @@ class SlotEngine:
                 continue
             calls.append((done, res + acc if res >= 0 else res))
         self._fill_from_waiting()
-        completions.begin()
-        try:
-            for done, ret in calls:
-                try:
-                    done(ret)
-                except Exception as e:
-                    self._loop.call_exception_handler(
-                        {"message": "exception in I/O completion callback", "exception": e}
-                    )
-        finally:
-            completions.end()
+        completions.deliver(calls)
         if not self._plugged:
             self._flush()
 

@@ -165,17 +165,7 @@ class ThreadPoolEngine:
         with self._lock:
             batch = self._completed
             self._completed = []
-        completions.begin()
-        try:
-            for done, ret in batch:
-                try:
-                    done(ret)
-                except Exception as e:
-                    self._loop.call_exception_handler(
-                        {"message": "exception in I/O completion callback", "exception": e}
-                    )
-        finally:
-            completions.end()
+        completions.deliver(batch)
 
     def close(self) -> None:
         """Stop the workers after the queued jobs ran; undelivered callbacks are dropped."""

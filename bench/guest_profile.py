@@ -1,0 +1,116 @@
+"""In-guest half of bench/profile_cell.py: one daemon, one fio cell, under a profiler.
+
+Started by ``bench/profile_cell.py`` inside the test guest; writes into $VEXPORT_GUEST_RESULTS:
+``fio.json``, ``summary.txt`` and, per tool, ``cprofile.pstats`` (vexport only, through
+VEXPORT_PROFILE), ``strace.txt`` (``strace -c -f`` attached for the fio run) or
+``perf.txt`` (``perf report`` of a ``perf record -g`` of the daemon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import analysis as an  # noqa: E402
+from guest import helpers  # noqa: E402
+
+OUT = Path(os.environ.get("VEXPORT_GUEST_RESULTS", "/tmp"))
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--daemon", nargs="+", required=True)
+    p.add_argument("--backend", default="null")
+    p.add_argument("--queues", type=int, default=1)
+    p.add_argument("--rw", default="randread")
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--runtime", type=float, default=5)
+    p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
+    ns = p.parse_args()
+    if ns.backend in ("threads", "native"):
+        fd = os.open(an.FILE_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+        os.posix_fallocate(fd, 0, an.FILE_SIZE)
+        os.close(fd)
+    env = dict(os.environ)
+    for kv in ns.env:
+        key, _, value = kv.partition("=")
+        env[key] = value
+    if ns.tool == "cprofile":
+        env["VEXPORT_PROFILE"] = str(OUT / "cprofile.pstats")
+    name = "vxprof0"
+    os.environ.update({k: v for k, v in env.items() if k.startswith("VEXPORT")})
+    proc = helpers.start_daemon(ns.daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180)
+    summary: list[str] = []
+    try:
+        dev = helpers.vdpa_add(name, timeout=60)
+        time.sleep(0.5)
+        tracer = None
+        if ns.tool == "strace":
+            tracer = subprocess.Popen(
+                ["strace", "-c", "-f", "-o", str(OUT / "strace.txt"), "-p", str(proc.pid)]
+            )
+        elif ns.tool == "perf":
+            tracer = subprocess.Popen(
+                ["perf", "record", "-g", "-o", "/tmp/perf.data", "-p", str(proc.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        time.sleep(0.5 if tracer else 0)
+        t0 = cpu_ticks(proc.pid)
+        out = subprocess.run(
+            an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        t1 = cpu_ticks(proc.pid)
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+        (OUT / "fio.json").write_text(out.stdout)
+        res = an.parse_fio(an.extract_json(out.stdout), ns.rw)
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (t1 - t0) / ticks
+        summary.append(
+            f"{ns.backend} q{ns.queues} {ns.rw} d{ns.depth} tool={ns.tool}: "
+            f"{res.iops:.0f} IOPS, lat50 {res.clat_median_us or 0:.0f} us, daemon cpu "
+            f"{cpu:.2f} s = {1000 * cpu / max(res.iops * ns.runtime, 1):.3f} s/kIO"
+        )
+        if ns.tool == "perf":
+            rep = subprocess.run(
+                ["perf", "report", "-i", "/tmp/perf.data", "--stdio", "--no-children",
+                 "--sort", "dso,sym", "--percent-limit", "0.5"],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            (OUT / "perf.txt").write_text(rep.stdout + rep.stderr)
+        helpers.vdpa_del(name)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        summary.append(f"daemon exit status {proc.returncode}")
+        summary.append(helpers.daemon_log(name)[-2000:])
+        (OUT / "summary.txt").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
