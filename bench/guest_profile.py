@@ -31,6 +31,73 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
+def run_fio(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float]:
+    """Run the cell's fio once; (fio stdout, daemon CPU seconds meanwhile)."""
+    t0 = cpu_ticks(pid)
+    out = subprocess.run(
+        an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK")
+
+
+def ab(ns: argparse.Namespace) -> int:
+    """Run every variant ``--repeat`` times, interleaved (order alternating), and print
+    the median IOPS, latency and CPU per variant."""
+    import statistics
+
+    if ns.backend in ("threads", "native"):
+        fd = os.open(an.FILE_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+        os.posix_fallocate(fd, 0, an.FILE_SIZE)
+        os.close(fd)
+    results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in ns.variant}
+    lines: list[str] = []
+    for rep in range(ns.repeat):
+        order = ns.variant if rep % 2 == 0 else ns.variant[::-1]
+        for variant in order:
+            env = dict(kv.split("=", 1) for kv in [*ns.env, *variant.split(",")] if kv)
+            for key, value in env.items():
+                os.environ[key] = value
+            name = f"vxab{rep}{ns.variant.index(variant)}"
+            proc = helpers.start_daemon(
+                ns.daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180
+            )
+            try:
+                dev = helpers.vdpa_add(name, timeout=60)
+                time.sleep(0.5)
+                stdout, cpu = run_fio(ns, proc.pid, dev)
+                res = an.parse_fio(an.extract_json(stdout), ns.rw)
+                sample = (
+                    res.iops,
+                    res.clat_median_us or 0,
+                    1000 * cpu / max(res.iops * ns.runtime, 1),
+                )
+                results[variant].append(sample)
+                line = (
+                    f"rep {rep} {variant}: {sample[0]:.0f} IOPS, lat50 {sample[1]:.0f} us, "
+                    f"{sample[2]:.3f} s/kIO"
+                )
+                print(line, flush=True)
+                lines.append(line)
+                helpers.vdpa_del(name)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            for key in env:
+                os.environ.pop(key, None)
+    lines.append(f"{ns.backend} q{ns.queues} {ns.rw} d{ns.depth}, medians of {ns.repeat}:")
+    for variant, samples in results.items():
+        iops, lat, cpu = (statistics.median(x) for x in zip(*samples, strict=True))
+        lines.append(
+            f"  {variant or '(default)'}: {iops:.0f} IOPS, lat50 {lat:.0f} us, {cpu:.3f} s/kIO"
+        )
+    (OUT / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-1 - len(results) :]))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--daemon", nargs="+", required=True)
@@ -41,7 +108,16 @@ def main() -> int:
     p.add_argument("--runtime", type=float, default=5)
     p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="A/B mode: 'KEY=VALUE[,KEY=VALUE]' daemon environment of one variant (repeat)",
+    )
+    p.add_argument("--repeat", type=int, default=1)
     ns = p.parse_args()
+    if ns.variant:
+        return ab(ns)
     if ns.backend in ("threads", "native"):
         fd = os.open(an.FILE_PATH, os.O_RDWR | os.O_CREAT, 0o644)
         os.posix_fallocate(fd, 0, an.FILE_SIZE)
@@ -71,21 +147,12 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
         time.sleep(0.5 if tracer else 0)
-        t0 = cpu_ticks(proc.pid)
-        out = subprocess.run(
-            an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        t1 = cpu_ticks(proc.pid)
+        stdout, cpu = run_fio(ns, proc.pid, dev)
         if tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(60)
-        (OUT / "fio.json").write_text(out.stdout)
-        res = an.parse_fio(an.extract_json(out.stdout), ns.rw)
-        ticks = os.sysconf("SC_CLK_TCK")
-        cpu = (t1 - t0) / ticks
+        (OUT / "fio.json").write_text(stdout)
+        res = an.parse_fio(an.extract_json(stdout), ns.rw)
         summary.append(
             f"{ns.backend} q{ns.queues} {ns.rw} d{ns.depth} tool={ns.tool}: "
             f"{res.iops:.0f} IOPS, lat50 {res.clat_median_us or 0:.0f} us, daemon cpu "

@@ -3,10 +3,15 @@
     .venv/bin/python bench/profile_cell.py --tool cprofile --backend null --depth 1
     .venv/bin/python bench/profile_cell.py --tool strace --backend native --depth 32
     .venv/bin/python bench/profile_cell.py --tool perf --daemon qsd --backend nullb
+    .venv/bin/python bench/profile_cell.py --variant VEXPORT_LOOP=asyncio \
+        --variant VEXPORT_LOOP=uvloop --repeat 4 --depth 32
 
 Boots the guest, starts the daemon with the benchmark's options (bench/analysis.py),
 runs the fio cell once while the chosen tool watches, and prints the summary (IOPS,
-latency, daemon CPU per 1,000 I/Os) plus the tool's report.  ``cprofile`` (vexport only)
+latency, daemon CPU per 1,000 I/Os) plus the tool's report.  With ``--variant`` (two or
+more daemon environments) it instead runs each variant ``--repeat`` times in the same
+guest, interleaved, and prints the medians: the way to tell whether a change helped,
+since runs under TCG move by 15-30%.  ``cprofile`` (vexport only)
 prints the top functions by own time and by cumulative time; results stay in --out.
 """
 
@@ -39,6 +44,13 @@ def main() -> int:
     p.add_argument("--runtime", type=float, default=5)
     p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="A/B mode (no tool): KEY=VALUE[,KEY=VALUE] daemon environment; give two or more",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="A/B mode: runs per variant")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile")
     ns = p.parse_args()
@@ -54,6 +66,10 @@ def main() -> int:
     ]  # fmt: skip
     for kv in ns.env:
         cmd.append(f"--env={kv}")
+    for variant in ns.variant:
+        cmd.append(f"--variant={variant}")
+    if ns.variant:
+        cmd.append(f"--repeat={ns.repeat}")
     res = runner.run(cmd, timeout=900, results_dir=ns.out, cwd=str(ROOT), image=runner.prepare())
     summary = ns.out / "summary.txt"
     print(summary.read_text() if summary.exists() else res.output[-4000:])

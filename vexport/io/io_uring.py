@@ -28,14 +28,15 @@ from typing import Any
 from vexport.io.slots import OP_FALLOCATE, OP_READ, OP_SYNC, SlotEngine
 from vexport.kernel import io_uring as kur
 
-IOV_INLINE = 16
 _ffi = kur.ffi
+_CHAR_ARRAY = _ffi.typeof("char[]")  # resolved once: from_buffer("char[]") parses the text
 _from_buffer = _ffi.from_buffer
 _MASK32 = 0xFFFFFFFF
 
 
 class IoUringEngine(SlotEngine):
     kind = "io_uring"
+    _ffi = _ffi
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, depth: int = 256) -> None:
         loop = loop if loop is not None else asyncio.get_running_loop()
@@ -107,29 +108,14 @@ class IoUringEngine(SlotEngine):
             n = len(arg)
             if n == 1:
                 m = arg[0]
-                keep = _from_buffer("char[]", m, op == OP_READ)
+                keep = _from_buffer(_CHAR_ARRAY, m, op == OP_READ)
                 sqe.addr = keep
                 expect = m.nbytes
                 sqe.len = expect
                 sqe.opcode = kur.IORING_OP_READ if op == OP_READ else kur.IORING_OP_WRITE
             else:
-                if n <= IOV_INLINE:
-                    vec = self._iovecs[slot]
-                    if vec is None:
-                        vec = self._iovecs[slot] = _ffi.new("struct iovec[]", IOV_INLINE)
-                else:
-                    vec = _ffi.new("struct iovec[]", n)
-                writable = op == OP_READ
-                keep = [vec]
-                for i, m in enumerate(arg):
-                    b = _from_buffer("char[]", m, writable)
-                    keep.append(b)
-                    v = vec[i]
-                    v.iov_base = b
-                    ln = m.nbytes
-                    v.iov_len = ln
-                    expect += ln
-                sqe.addr = vec
+                expect, keep = self._pin_vector(slot, arg, op == OP_READ)
+                sqe.addr = keep[0]
                 sqe.len = n
                 sqe.opcode = kur.IORING_OP_READV if op == OP_READ else kur.IORING_OP_WRITEV
         self._tail = (tail + 1) & _MASK32

@@ -14,8 +14,14 @@ Theory of operation (see io_submit(2), linux/aio_abi.h):
 * ``_submit`` passes every prepared iocb to one ``io_submit``.  A partial acceptance keeps
   the rest queued; EAGAIN keeps everything queued until completions come back; any other
   error belongs to the first iocb, which is failed with ``-errno`` and the rest retried.
-* The kernel signals the eventfd per completion; the loop reads it, then drains
-  ``io_getevents(min_nr=0)`` until it returns fewer events than asked.
+* Completions are read from the context's ring in user space (`kaio.CompletionRing`;
+  ``io_getevents(min_nr=0)`` if the ring layout is not the known one).  The kernel
+  signals the eventfd per completion, after writing the event; the loop reads the
+  eventfd, then the ring.  Right after ``io_submit`` the ring is read once more:
+  requests that complete inside the call (tmpfs, null_blk, page-cache hits) are then
+  delivered in the same batch as their submission, without a loop iteration.  If that
+  finds events, the eventfd is cleared and the ring read again (an event whose signal
+  the read consumed is already in the ring: none is lost).
 
 Buffers: memoryviews are pinned with ``ffi.from_buffer`` until the completion.  With
 ``O_DIRECT`` the caller must pass buffers, offsets and lengths aligned to the device's
@@ -35,14 +41,15 @@ from typing import Any
 from vexport.io.slots import OP_READ, OP_SYNC, SlotEngine
 from vexport.kernel import aio as kaio
 
-IOV_INLINE = 16
 _ffi = kaio.ffi
+_CHAR_ARRAY = _ffi.typeof("char[]")  # resolved once: from_buffer("char[]") parses the text
 _from_buffer = _ffi.from_buffer
 _NULL = _ffi.NULL
 
 
 class LinuxAioEngine(SlotEngine):
     kind = "native"
+    _ffi = _ffi
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, depth: int = 256) -> None:
         loop = loop if loop is not None else asyncio.get_running_loop()
@@ -60,6 +67,11 @@ class LinuxAioEngine(SlotEngine):
         self._events = _ffi.new("struct io_event[]", depth)
         self._iovecs: list[Any] = [None] * depth
         self._pending: list[int] = []
+        self._completing = False
+        try:
+            self._ring: kaio.CompletionRing | None = kaio.CompletionRing(self._ctx)
+        except ValueError:
+            self._ring = None
         for i in range(depth):
             iocb = self._iocbs[i]
             iocb.aio_data = i
@@ -81,30 +93,14 @@ class LinuxAioEngine(SlotEngine):
         n = len(arg)
         if n == 1:
             m = arg[0]
-            keep = _from_buffer("char[]", m, op == OP_READ)
+            keep = _from_buffer(_CHAR_ARRAY, m, op == OP_READ)
             iocb.aio_buf = keep
             expect = m.nbytes
             iocb.aio_nbytes = expect
             iocb.aio_lio_opcode = kaio.IOCB_CMD_PREAD if op == OP_READ else kaio.IOCB_CMD_PWRITE
         else:
-            if n <= IOV_INLINE:
-                vec = self._iovecs[slot]
-                if vec is None:
-                    vec = self._iovecs[slot] = _ffi.new("struct iovec[]", IOV_INLINE)
-            else:
-                vec = _ffi.new("struct iovec[]", n)
-            writable = op == OP_READ
-            keep = [vec]
-            expect = 0
-            for i, m in enumerate(arg):
-                b = _from_buffer("char[]", m, writable)
-                keep.append(b)
-                v = vec[i]
-                v.iov_base = b
-                ln = m.nbytes
-                v.iov_len = ln
-                expect += ln
-            iocb.aio_buf = vec
+            expect, keep = self._pin_vector(slot, arg, op == OP_READ)
+            iocb.aio_buf = keep[0]
             iocb.aio_nbytes = n
             iocb.aio_lio_opcode = kaio.IOCB_CMD_PREADV if op == OP_READ else kaio.IOCB_CMD_PWRITEV
         self._pending.append(slot)
@@ -124,15 +120,23 @@ class LinuxAioEngine(SlotEngine):
                 self._fail_slot(pending.pop(0), -(e.errno or errno.EIO))
                 continue
             del pending[:k]
+        ring = self._ring
+        if ring is not None and not self._completing and len(self._free) < self._depth:
+            batch: list[tuple[int, int]] = []
+            if ring.reap(batch):
+                try:
+                    os.eventfd_read(self._efd)
+                except BlockingIOError:
+                    pass
+                ring.reap(batch)
+                self._deliver(batch)
 
-    def _on_eventfd(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
+    def _reap(self, batch: list[tuple[int, int]]) -> None:
+        if self._ring is not None:
+            self._ring.reap(batch)
+            return
         events = self._events
         depth = self._depth
-        batch: list[tuple[int, int]] = []
         while True:
             n = self._sys.getevents(depth, events)
             for i in range(n):
@@ -140,8 +144,23 @@ class LinuxAioEngine(SlotEngine):
                 batch.append((ev.data, ev.res))
             if n < depth:
                 break
-        if batch:
+
+    def _deliver(self, batch: list[tuple[int, int]]) -> None:
+        self._completing = True
+        try:
             self._complete(batch)
+        finally:
+            self._completing = False
+
+    def _on_eventfd(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        batch: list[tuple[int, int]] = []
+        self._reap(batch)
+        if batch:
+            self._deliver(batch)
 
     def close(self) -> None:
         """Destroy the context (waits for requests in flight; their callbacks are dropped)."""
@@ -149,6 +168,9 @@ class LinuxAioEngine(SlotEngine):
             return
         self._close_helper()
         self._loop.remove_reader(self._efd)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         kaio.io_destroy(self._ctx)
         os.close(self._efd)
         self._pending.clear()

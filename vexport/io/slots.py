@@ -40,10 +40,41 @@ OP_SYNC = 2
 OP_FALLOCATE = 3
 
 
+IOV_INLINE = 16
+
+
 class SlotEngine:
     """Base class: slot table, waiting FIFO, plug/flush, completion dispatch."""
 
     kind = ""
+    _ffi: Any = None  # the subclass's cffi FFI, whose "struct iovec" the kernel reads
+    _iovecs: list[Any]
+
+    def _pin_vector(self, slot: int, iov: list[memoryview], writable: bool) -> tuple[int, Any]:
+        """Fill the slot's ``struct iovec`` array for ``iov`` (allocated on first use,
+        per request only beyond IOV_INLINE segments); return (bytes, keepalive) where
+        keepalive[0] is the array and the rest pin the buffers."""
+        ffi = self._ffi
+        n = len(iov)
+        if n <= IOV_INLINE:
+            vec = self._iovecs[slot]
+            if vec is None:
+                vec = self._iovecs[slot] = ffi.new("struct iovec[]", IOV_INLINE)
+        else:
+            vec = ffi.new("struct iovec[]", n)
+        keep = [vec]
+        expect = 0
+        pin = ffi.from_buffer
+        char_array = ffi.typeof("char[]")
+        for i, m in enumerate(iov):
+            b = pin(char_array, m, writable)
+            keep.append(b)
+            v = vec[i]
+            v.iov_base = b
+            ln = m.nbytes
+            v.iov_len = ln
+            expect += ln
+        return expect, keep
 
     def __init__(self, loop: asyncio.AbstractEventLoop, depth: int) -> None:
         self._loop = loop

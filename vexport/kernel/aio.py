@@ -141,6 +141,63 @@ class Submitter:
         )
 
 
+AIO_RING_MAGIC = 0xA10A10A1
+_RING_HEADER = struct.Struct("8I")  # id, nr, head, tail, magic, compat, incompat, header_length
+_RING_HEAD_TAIL = struct.Struct("II")
+_RING_HEAD = struct.Struct("I")
+_EVENT = struct.Struct("QQqq")  # struct io_event: data, obj, res, res2
+RING_HEADER_SIZE = 32
+
+
+class CompletionRing:
+    """The context's completion ring, read in user space (no io_getevents call).
+
+    ``io_setup`` returns the address of a ring the kernel maps into the process (fs/aio.c
+    ``struct aio_ring``: id, nr, head, tail, magic, compat and incompat features,
+    header length, then ``nr`` io_events).  The kernel writes an event, then moves
+    ``tail``; the reader consumes [head, tail) and stores the new ``head``, which the
+    kernel reads back to know the slots are free (what QEMU's linux-aio does).  The
+    ring layout is only trusted with the expected magic and no incompatible features;
+    otherwise the constructor raises ValueError and the caller uses io_getevents.
+
+    Must not be used after ``io_destroy``: the mapping is gone.
+    """
+
+    def __init__(self, ctx: int) -> None:
+        base = ffi.cast("char *", ctx)
+        _id, nr, _head, _tail, magic, _compat, incompat, header_length = _RING_HEADER.unpack(
+            ffi.buffer(base, RING_HEADER_SIZE)
+        )
+        if magic != AIO_RING_MAGIC or incompat != 0 or header_length != RING_HEADER_SIZE:
+            raise ValueError("unknown AIO completion ring layout")
+        self.nr = nr
+        self._buf = memoryview(ffi.buffer(base, RING_HEADER_SIZE + _EVENT.size * nr))
+
+    def reap(self, out: list[tuple[int, int]]) -> int:
+        """Append ``(data, res)`` of every completed event to ``out``; return the count."""
+        buf = self._buf
+        head, tail = _RING_HEAD_TAIL.unpack_from(buf, 8)
+        if head == tail:
+            return 0
+        nr = self.nr
+        if head >= nr or tail >= nr:
+            raise ValueError(f"AIO completion ring head {head} / tail {tail} outside {nr}")
+        unpack = _EVENT.unpack_from
+        count = 0
+        while head != tail:
+            data, _obj, res, _res2 = unpack(buf, RING_HEADER_SIZE + 32 * head)
+            out.append((data, res))
+            count += 1
+            head += 1
+            if head == nr:
+                head = 0
+        _RING_HEAD.pack_into(buf, 8, head)
+        return count
+
+    def close(self) -> None:
+        self._buf.release()
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (os.posix_fallocate only does mode 0).  Blocks."""
     if libc.fallocate(fd, mode, offset, length) < 0:

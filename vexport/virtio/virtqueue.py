@@ -247,7 +247,8 @@ class SplitQueue:
         return self._inflight_count
 
     def inflight_heads(self) -> list[int]:
-        return [i for i, busy in enumerate(self._inflight) if busy]
+        inflight = self._inflight
+        return [i for i in range(self.size) if inflight[i]]
 
     def avail_idx(self) -> int:
         """avail->idx as the driver wrote it."""
