@@ -466,3 +466,30 @@ async def test_close_releases_every_fd() -> None:
         with pytest.raises(OSError):
             IoUringEngine(loop, depth=1 << 20)
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+async def test_native_completion_ring_is_polled(tmp_path: Path) -> None:
+    """completions.poll() delivers what sits in the ring (a device polling instead of
+    sleeping), and finds nothing when nothing is in flight."""
+    from vexport.io import completions
+
+    loop = asyncio.get_running_loop()
+    eng = LinuxAioEngine(loop, depth=4)
+    fd = _open(tmp_path / "p", os.O_RDWR)
+    got: list[int] = []
+    try:
+        assert completions.poll() is False
+        eng._completing = True  # as inside a delivery: no reading right after io_submit
+        eng.pwritev(fd, 0, [memoryview(b"p" * 4096)], got.append)
+        eng._flush()
+        eng._completing = False
+        assert got == []
+        assert completions.poll() is True
+        assert got == [4096]
+        assert completions.poll() is False
+        await asyncio.sleep(0.05)
+        assert got == [4096]
+    finally:
+        eng.close()
+        os.close(fd)
+    assert eng._poll_ring not in completions._pollers

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +39,7 @@ from vexport.virtio.blk import (
     VIRTIO_BLK_T_OUT,
 )
 from vexport.virtio.testing import FakeDriver, SubmittedChain
+from vexport.virtio.virtqueue import vring_need_event
 
 MiB = 1 << 20
 QSIZE = 8
@@ -632,3 +634,40 @@ async def test_blk_export_holds_its_node_until_stopped(
     await export.stop("safe")
     assert graph.users(export.node) == []
     graph.delete("f0")
+
+
+async def test_polling_serves_a_request_added_after_the_batch_without_a_kick(
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After serving a kick the device keeps looking at the avail rings, kicks
+    suppressed (avail_event one behind, so the driver's vring_need_event is false): a
+    request the driver adds meanwhile is served with no kick; when the poll ends,
+    kicks are re-armed (avail_event = last avail index)."""
+    import threading
+
+    dt = Recorder()
+    dev = await make_device(guest, monkeypatch, dt)
+    await guest.start(F_VERSION_1 | F_EVENT_IDX)
+    drv = guest.drivers[0]
+    drv.add_chain([], [1])
+    seen: list[int] = []
+
+    def driver() -> None:
+        deadline = time.monotonic() + 10
+        while (drv.used_idx < 1 or drv.avail_event != 0) and time.monotonic() < deadline:
+            pass  # until the device completed the first request and polls
+        seen.append(drv.avail_event)
+        drv.add_chain([], [1])  # and no kick
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    dev.poll_spins = 200_000
+    guest.fd.kick(0)
+    await until(lambda: drv.used_idx == 2)
+    thread.join()
+    assert dt.kicks.count(0) >= 2  # the kick's batch and the polled one(s)
+    assert seen == [0]  # one behind avail index 1: adding entry 1 needs no kick
+    assert not vring_need_event(seen[0], 2, 1)
+    assert drv.avail_event == 2  # re-armed once the poll ended
+    dev.poll_spins = 0
+    dev.close()

@@ -247,10 +247,12 @@ def test_event_idx_avail_event_rearmed_when_empty() -> None:
     assert d.avail_event == 3
     assert subs
     q.suppress_kicks(True)
+    assert d.avail_event == 2  # one behind: no addition steps over it
     d.add_chain([b"h" * 16], [1])
+    assert not vring_need_event(d.avail_event, 4, 3)  # the driver's kick decision
     assert q.pop() is not None
     assert q.pop() is None
-    assert d.avail_event == 3  # suppressed: left stale
+    assert d.avail_event == 2  # suppressed: left stale
     q.suppress_kicks(False)
     assert q.pop() is None
     assert d.avail_event == 4

@@ -61,6 +61,11 @@ VIRTIO_CONFIG_S_FAILED = 0x80
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_NOTIFY_ON_EMPTY = 24
+POLL_SPINS = 300  # measured in the guest: see bench/README.md, "what helped"
+# Poll only after kicks that brought few requests: a driver waiting for each answer
+# (low queue depth).  Deep queues keep the device busy anyway, and polling there cost
+# throughput with aio=threads (its workers need the GIL the poll holds).
+POLL_MAX_BATCH = 4
 
 
 class DeviceType(Protocol):
@@ -162,6 +167,8 @@ class VduseDevice:
         self._notify_scheduled = False
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        # Empty looks at the avail rings before sleeping (see _poll); 0 disables.
+        self.poll_spins = int(os.environ.get("VEXPORT_POLL_SPINS", str(POLL_SPINS)))
 
     # -- creation -------------------------------------------------------------------
     @classmethod
@@ -449,14 +456,54 @@ class VduseDevice:
         if queue.kick_fd >= 0:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(queue.kick_fd)
-        if queue.running:
-            # Requests completed synchronously while popping (refused ones, GET_ID)
-            # are signalled when the batch ends.
-            completions.begin()
-            try:
-                self.device_type.on_kick(queue)
-            finally:
-                completions.end()
+        vq = queue.vq
+        if vq is None or not queue.running:
+            return
+        before = vq.last_avail_idx
+        self._serve(queue)
+        if self.poll_spins and 0 < (vq.last_avail_idx - before) & 0xFFFF <= POLL_MAX_BATCH:
+            self._poll()
+
+    def _serve(self, queue: VduseQueue) -> None:
+        # Requests completed synchronously while popping (refused ones, GET_ID, null
+        # nodes, Linux AIO done at submission) are pushed and signalled when the batch
+        # ends.
+        completions.begin()
+        try:
+            self.device_type.on_kick(queue)
+        finally:
+            completions.end()
+
+    def _poll(self) -> None:
+        """After serving a kick that brought few requests, look at every queue's avail
+        ring for a while before sleeping, with kicks suppressed: a driver that sends
+        its next request soon (at queue depth 1, right after the interrupt) is served
+        without a kick, a wake-up and an eventfd read.  Backends that can be polled
+        (`completions.poll`: Linux AIO's completion ring, the thread pool's finished
+        jobs) are looked at too, so that their completions do not wait.  The poll ends
+        after ``poll_spins`` looks in a row that found nothing; nothing else runs in the
+        loop meanwhile, so the window is kept short."""
+        queues = [(q, q.vq) for q in self.queues if q.vq is not None and q.running]
+        for _q, vq in queues:
+            vq.suppress_kicks(True)
+        try:
+            idle = 0
+            spins = self.poll_spins
+            poll_backends = completions.poll
+            while idle < spins:
+                idle += 1
+                if poll_backends():  # requests in flight that completed meanwhile
+                    idle = 0
+                for queue, vq in queues:
+                    if vq.pending() and queue.running:
+                        self._serve(queue)
+                        idle = 0
+        finally:
+            for _q, vq in queues:
+                vq.suppress_kicks(False)
+        for queue, _vq in queues:
+            if queue.running:
+                self._serve(queue)  # re-arms kicks (an empty pop), serves late arrivals
 
     def queue_broken(self, queue: VduseQueue, reason: str) -> None:
         """The driver corrupted the ring beyond recovery: stop serving this queue."""

@@ -30,6 +30,7 @@ Done = Callable[[int], object]
 _hooks: list[Hook] = []
 _depth = 0
 _in_batch_deferred: list[tuple[Done, int]] = []
+_pollers: list[Callable[[], bool]] = []
 
 
 def add_hook(hook: Hook) -> None:
@@ -40,6 +41,28 @@ def add_hook(hook: Hook) -> None:
 def remove_hook(hook: Hook) -> None:
     if hook in _hooks:
         _hooks.remove(hook)
+
+
+def add_poller(poller: Callable[[], bool]) -> None:
+    """``poller()`` delivers completions that are ready without waiting (an engine
+    reading its completion ring) and says whether it found any; `poll` runs them."""
+    if poller not in _pollers:
+        _pollers.append(poller)
+
+
+def remove_poller(poller: Callable[[], bool]) -> None:
+    if poller in _pollers:
+        _pollers.remove(poller)
+
+
+def poll() -> bool:
+    """Run every poller (for a device that polls instead of sleeping); True if any
+    delivered completions."""
+    found = False
+    for poller in _pollers:
+        if poller():
+            found = True
+    return found
 
 
 def in_batch() -> bool:

@@ -38,6 +38,7 @@ import errno
 import os
 from typing import Any
 
+from vexport.io import completions
 from vexport.io.slots import OP_READ, OP_SYNC, SlotEngine
 from vexport.kernel import aio as kaio
 
@@ -72,6 +73,8 @@ class LinuxAioEngine(SlotEngine):
             self._ring: kaio.CompletionRing | None = kaio.CompletionRing(self._ctx)
         except ValueError:
             self._ring = None
+        if self._ring is not None:
+            completions.add_poller(self._poll_ring)
         for i in range(depth):
             iocb = self._iocbs[i]
             iocb.aio_data = i
@@ -120,16 +123,24 @@ class LinuxAioEngine(SlotEngine):
                 self._fail_slot(pending.pop(0), -(e.errno or errno.EIO))
                 continue
             del pending[:k]
+        self._poll_ring()
+
+    def _poll_ring(self) -> bool:
+        """Deliver the completions already in the ring (after a submission, or when a
+        device polls: `completions.poll`); True if there were any."""
         ring = self._ring
-        if ring is not None and not self._completing and len(self._free) < self._depth:
-            batch: list[tuple[int, int]] = []
-            if ring.reap(batch):
-                try:
-                    os.eventfd_read(self._efd)
-                except BlockingIOError:
-                    pass
-                ring.reap(batch)
-                self._deliver(batch)
+        if ring is None or self._completing or len(self._free) == self._depth:
+            return False
+        batch: list[tuple[int, int]] = []
+        if not ring.reap(batch):
+            return False
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        ring.reap(batch)
+        self._deliver(batch)
+        return True
 
     def _reap(self, batch: list[tuple[int, int]]) -> None:
         if self._ring is not None:
@@ -169,6 +180,7 @@ class LinuxAioEngine(SlotEngine):
         self._close_helper()
         self._loop.remove_reader(self._efd)
         if self._ring is not None:
+            completions.remove_poller(self._poll_ring)
             self._ring.close()
             self._ring = None
         kaio.io_destroy(self._ctx)

@@ -24,6 +24,7 @@ import errno
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +93,8 @@ class ThreadPoolEngine:
         self._completed: list[tuple[Done, int]] = []
         self._efd = os.eventfd(0, _EFD_FLAGS)
         self._loop.add_reader(self._efd, self._on_eventfd)
+        self._jobs_out = 0  # handed to workers, completion not delivered yet
+        completions.add_poller(self._poll)
         self.closed = False
 
     # -- submission -------------------------------------------------------------------
@@ -104,6 +107,7 @@ class ThreadPoolEngine:
             t = threading.Thread(target=self._worker, name="vexport-io", daemon=True)
             t.start()
             self._threads.append(t)
+        self._jobs_out += 1
         self._jobs.put((func, args, done))
 
     def preadv(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None:
@@ -165,7 +169,21 @@ class ThreadPoolEngine:
         with self._lock:
             batch = self._completed
             self._completed = []
+        self._jobs_out -= len(batch)
         completions.deliver(batch)
+
+    def _poll(self) -> bool:
+        """`completions.poll` hook: with jobs out, let the workers run (a finished
+        worker needs the GIL to report, which a polling loop would hold for a whole
+        switch interval) and deliver what they finished."""
+        if not self._jobs_out:
+            return False
+        if not self._completed:
+            time.sleep(0)
+            if not self._completed:
+                return False
+        self._on_eventfd()
+        return True
 
     def close(self) -> None:
         """Stop the workers after the queued jobs ran; undelivered callbacks are dropped."""
@@ -177,6 +195,7 @@ class ThreadPoolEngine:
         for t in self._threads:
             t.join()
         self._threads.clear()
+        completions.remove_poller(self._poll)
         self._loop.remove_reader(self._efd)
         os.close(self._efd)
         self._completed = []

@@ -545,17 +545,23 @@ class SplitQueue:
     def suppress_kicks(self, suppress: bool) -> None:
         """Ask the driver not to kick (while the device polls), or to kick again.
 
-        With EVENT_IDX, suppressing leaves avail_event stale and un-suppressing takes
-        effect at the next empty pop; otherwise VRING_USED_F_NO_NOTIFY is set/cleared.
+        With EVENT_IDX, suppressing sets avail_event one behind the last avail index
+        the device consumed, so that no addition steps over it (the driver's
+        ``vring_need_event`` stays false) and leaves it there while the device pops;
+        un-suppressing takes effect at the next empty pop, which re-arms.  Without
+        EVENT_IDX, VRING_USED_F_NO_NOTIFY is set/cleared.
         """
         self._kicks_suppressed = suppress
-        if not self.event_idx:
-            flags = U16.unpack_from(self._used, 0)[0]
+        if self.event_idx:
             if suppress:
-                flags |= VRING_USED_F_NO_NOTIFY
-            else:
-                flags &= ~VRING_USED_F_NO_NOTIFY
-            U16.pack_into(self._used, 0, flags)
+                U16.pack_into(self._used, self._avail_event_off, (self._last_avail - 1) & 0xFFFF)
+            return
+        flags = U16.unpack_from(self._used, 0)[0]
+        if suppress:
+            flags |= VRING_USED_F_NO_NOTIFY
+        else:
+            flags &= ~VRING_USED_F_NO_NOTIFY
+        U16.pack_into(self._used, 0, flags)
 
     def set_avail_event(self, idx: int) -> None:
         """Write avail_event directly (EVENT_IDX): kick me once avail idx passes ``idx``."""
