@@ -216,6 +216,9 @@ class VduseBlkExport(BlockExport):
                 if qlog is not None:
                     for chain in chains:
                         qlog.popped(chain.head)
+                # Fewer than asked: pop_batch found the ring empty (kicks re-armed), or
+                # met an error it raises on the next call.
+                more = len(chains) == self.BATCH or vq.error_pending
                 for chain in chains:
                     try:
                         req = parse(chain)
@@ -226,6 +229,8 @@ class VduseBlkExport(BlockExport):
                     req.user = (queue, generation)
                     self._inflight += 1
                     execute(req, node, done)
+                if not more:
+                    break
         finally:
             node.unplug()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cffi
 
@@ -322,6 +322,7 @@ class VduseDeviceFd:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._irq_args: dict[int, Any] = {}  # queue index -> its VQ_INJECT_IRQ argument
 
     @classmethod
     def open(
@@ -405,7 +406,10 @@ class VduseDeviceFd:
         _ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, arg)
 
     def vq_inject_irq(self, index: int) -> None:
-        _ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, ffi.new("uint32_t *", index))
+        arg = self._irq_args.get(index)
+        if arg is None:
+            arg = self._irq_args[index] = ffi.new("uint32_t *", index)
+        _ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, arg)
 
     # -- control messages -----------------------------------------------------------
 

@@ -243,6 +243,11 @@ class SplitQueue:
         return self._used_idx
 
     @property
+    def error_pending(self) -> bool:
+        """pop_batch stopped at an error it raises on the next call."""
+        return self._pending_error is not None
+
+    @property
     def inflight_count(self) -> int:
         return self._inflight_count
 
