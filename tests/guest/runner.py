@@ -47,6 +47,9 @@ from pathlib import Path
 
 ROOT_TAG = "hostroot"
 RESULTS_TAG = "results"
+CWD_TAG = "cwd"
+# Directories the guest covers with its own tmpfs (see INIT_SCRIPT).
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run", "/mnt")
 # Where the results share is mounted inside the guest (a fresh tmpfs is put on /mnt first).
 GUEST_RESULTS = "/mnt/vexport-results"
 IN_GUEST_ENV = "VEXPORT_IN_GUEST"
@@ -434,6 +437,13 @@ cut -d' ' -f1 /proc/uptime > "$R/boot-uptime"
 # From here on, kernel notices and info messages reach the console (and the host's log).
 echo 6 > /proc/sys/kernel/printk
 . "$R/env.sh"
+# The tmpfs mounts hide the host's /tmp, /var/tmp, /run and /mnt: a working directory
+# (a checkout and its .venv) under one of them comes as a share of its own (@CWDTAG@).
+if [ -n "$GUEST_CWD_SHARED" ]; then
+    mkdir -p "$GUEST_CWD"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro @CWDTAG@ \
+        "$GUEST_CWD" || echo "vexport-guest: cannot mount $GUEST_CWD"
+fi
 echo "vexport-guest: running command"
 cd "$GUEST_CWD" 2>/dev/null || cd /
 /bin/sh "$R/cmd.sh" > "$R/output.log" 2>&1 < /dev/null
@@ -538,6 +548,11 @@ def prepare(refresh: bool = False, packages: bool = True) -> GuestImage:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def hidden_in_guest(path: str) -> bool:
+    """True if ``path`` lies under a directory the guest hides with a tmpfs."""
+    return any(path.startswith(d + "/") for d in GUEST_TMPFS)
 
 
 def _qemu_argv(image: GuestImage, results: Path, memory_mb: int, cpus: int) -> list[str]:
@@ -678,10 +693,23 @@ def run(
             (results / name).unlink()
     cmd = argv if isinstance(argv, str) else shlex.join(argv)
     (results / "cmd.sh").write_text(cmd + "\n")
-    (results / "env.sh").write_text(_env_script(cwd or os.getcwd(), env))
-    (results / "stage2.sh").write_text(STAGE2_SCRIPT.replace("@RESULTS@", GUEST_RESULTS))
+    cwd = os.path.abspath(cwd or os.getcwd())
+    cwd_share = cwd if hidden_in_guest(cwd) else None
+    extra_env = dict(env or {})
+    if cwd_share:
+        extra_env["GUEST_CWD_SHARED"] = "1"
+    (results / "env.sh").write_text(_env_script(cwd, extra_env))
+    (results / "stage2.sh").write_text(
+        STAGE2_SCRIPT.replace("@RESULTS@", GUEST_RESULTS).replace("@CWDTAG@", CWD_TAG)
+    )
     console_path = results / "console.log"
     qemu = _qemu_argv(image, results, memory_mb, cpus)
+    if cwd_share:
+        qemu += [
+            "-virtfs",
+            f"local,path={cwd_share},mount_tag={CWD_TAG},security_model=none,readonly=on,"
+            "multidevs=remap",
+        ]
     start = time.monotonic()
     timed_out = False
     with open(console_path, "wb") as console_f:

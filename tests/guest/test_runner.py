@@ -37,6 +37,9 @@ def qemu_processes_for(marker: str) -> list[int]:
     return pids
 
 
+REPO = str(Path(__file__).resolve().parents[2])
+
+
 @pytest.fixture(scope="module")
 def image() -> runner.GuestImage:
     return runner.prepare()
@@ -53,13 +56,11 @@ def test_command_status_output_and_environment(image: runner.GuestImage, tmp_pat
         'echo from-guest > "$VEXPORT_GUEST_RESULTS/extra.txt"; '
         "exit 7"
     )
-    res = runner.run(
-        ["sh", "-c", script], timeout=300, results_dir=tmp_path, cwd="/work/main", image=image
-    )
+    res = runner.run(["sh", "-c", script], timeout=300, results_dir=tmp_path, cwd=REPO, image=image)
     assert res.status == 7
     out = res.output
     assert "to-stdout" in out and "to-stderr" in out
-    assert f"home=/root in_guest=1 cwd=/work/main kernel={image.kver}" in out
+    assert f"home=/root in_guest=1 cwd={REPO} kernel={image.kver}" in out
     for word in ("vduse-ok", "tmp-writable", "root-readonly", "py-ok vexport"):
         assert word in out, out
     assert (tmp_path / "extra.txt").read_text() == "from-guest\n"
@@ -67,6 +68,26 @@ def test_command_status_output_and_environment(image: runner.GuestImage, tmp_pat
     assert 0 < res.boot_seconds < res.total_seconds
     print(f"boot {res.boot_seconds:.1f} s, total {res.total_seconds:.1f} s")
     assert not qemu_processes_for(str(tmp_path))
+
+
+def test_a_working_directory_under_tmp_is_reachable(
+    image: runner.GuestImage, tmp_path: Path
+) -> None:
+    """The guest puts its own tmpfs on /tmp: a checkout there (a CI clone) comes as a
+    share of its own, at the same path."""
+    work = tmp_path / "checkout"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "marker").write_text("from-the-host\n")
+    assert runner.hidden_in_guest(str(work))
+    res = runner.run(
+        ["sh", "-c", "pwd; cat sub/marker"],
+        timeout=300,
+        results_dir=tmp_path / "results",
+        cwd=str(work),
+        image=image,
+    )
+    assert res.status == 0, res.output
+    assert res.output.split() == [str(work), "from-the-host"]
 
 
 def test_hung_guest_is_killed_at_the_time_limit(image: runner.GuestImage, tmp_path: Path) -> None:
