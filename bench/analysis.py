@@ -15,6 +15,7 @@ median IOPS.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -350,3 +351,22 @@ def format_table(summary: Mapping[str, Any]) -> str:
         label = summary["cells"][worst]["label"]
         lines.append(f"worst cell: {label}: {summary['worst_ratio']:.3f}")
     return "\n".join(lines)
+
+
+def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
+    """The options bench/profile_cell.py and its in-guest half share: one cell, the
+    profiling tool, the daemon's environment and the A/B variants."""
+    p.add_argument("--backend", choices=("null", "threads", "native", "nullb"), default="null")
+    p.add_argument("--queues", type=int, default=1)
+    p.add_argument("--rw", choices=("randread", "randwrite"), default="randread")
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--runtime", type=float, default=5)
+    p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="A/B mode (no tool): KEY=VALUE[,KEY=VALUE] daemon environment; give two or more",
+    )
+    p.add_argument("--repeat", type=int, default=repeat, help="A/B mode: runs per variant")

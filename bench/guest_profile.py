@@ -101,20 +101,7 @@ def ab(ns: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--daemon", nargs="+", required=True)
-    p.add_argument("--backend", default="null")
-    p.add_argument("--queues", type=int, default=1)
-    p.add_argument("--rw", default="randread")
-    p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--runtime", type=float, default=5)
-    p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
-    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help="A/B mode: 'KEY=VALUE[,KEY=VALUE]' daemon environment of one variant (repeat)",
-    )
-    p.add_argument("--repeat", type=int, default=1)
+    an.add_cell_options(p, repeat=1)
     ns = p.parse_args()
     if ns.variant:
         return ab(ns)

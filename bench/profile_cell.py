@@ -25,6 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+import analysis as an  # noqa: E402
 
 DAEMONS = {
     "vexport": [str(ROOT / ".venv" / "bin" / "vexport")],
@@ -37,20 +40,7 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--daemon", choices=sorted(DAEMONS), default="vexport")
-    p.add_argument("--backend", choices=("null", "threads", "native", "nullb"), default="null")
-    p.add_argument("--queues", type=int, default=1)
-    p.add_argument("--rw", choices=("randread", "randwrite"), default="randread")
-    p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--runtime", type=float, default=5)
-    p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
-    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help="A/B mode (no tool): KEY=VALUE[,KEY=VALUE] daemon environment; give two or more",
-    )
-    p.add_argument("--repeat", type=int, default=3, help="A/B mode: runs per variant")
+    an.add_cell_options(p, repeat=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile")
     ns = p.parse_args()
