@@ -169,6 +169,8 @@ class VduseDevice:
         self._closed = False
         # Empty looks at the avail rings before sleeping (see _poll); 0 disables.
         self.poll_spins = int(os.environ.get("VEXPORT_POLL_SPINS", str(POLL_SPINS)))
+        # sched_yield between empty looks: the driver's thread may share this CPU.
+        self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
 
     # -- creation -------------------------------------------------------------------
     @classmethod
@@ -482,7 +484,9 @@ class VduseDevice:
         (`completions.poll`: Linux AIO's completion ring, the thread pool's finished
         jobs) are looked at too, so that their completions do not wait.  The poll ends
         after ``poll_spins`` looks in a row that found nothing; nothing else runs in the
-        loop meanwhile, so the window is kept short."""
+        loop meanwhile, so the window is kept short.  Between empty looks the CPU is
+        yielded (``poll_yield``): with as many driver threads as CPUs, one of them
+        shares the poller's CPU."""
         queues = [(q, q.vq) for q in self.queues if q.vq is not None and q.running]
         for _q, vq in queues:
             vq.suppress_kicks(True)
@@ -490,7 +494,10 @@ class VduseDevice:
             idle = 0
             spins = self.poll_spins
             poll_backends = completions.poll
+            yield_cpu = self.poll_yield
             while idle < spins:
+                if idle and yield_cpu:
+                    os.sched_yield()  # let a driver thread sharing this CPU run
                 idle += 1
                 if poll_backends():  # requests in flight that completed meanwhile
                     idle = 0
