@@ -91,7 +91,6 @@ class VduseQueue:
         self.kick_fd = -1
         self.generation = 0  # bumped at every stop: completions of older ones are dropped
         self.broken = False
-        self.needs_notify = False
         self.completed: list[tuple[int, int]] = []  # (head, used length) not pushed yet
         self.saved_avail_idx = 0
         self.log: QueueLog | None = None
@@ -105,15 +104,14 @@ class VduseQueue:
         (pushed with the rest of the batch by `flush`)."""
         if generation != self.generation or self.vq is None:
             return  # the queue was reset meanwhile: the driver forgot the request
-        self.completed.append((head, used_len))
-        if not self.needs_notify:
-            self.needs_notify = True
+        completed = self.completed
+        completed.append((head, used_len))
+        if len(completed) == 1:  # the first of the batch: have the batch flushed
             self.device.schedule_notify(self)
 
     def flush(self) -> bool:
         """Push the collected completions (used->idx written once), record them in the
         in-flight log; True if the driver is due an interrupt."""
-        self.needs_notify = False
         done, self.completed = self.completed, []
         vq = self.vq
         if vq is None or not done:
@@ -445,7 +443,6 @@ class VduseDevice:
                 queue.vq.release()
                 queue.vq = None
             queue.generation += 1
-            queue.needs_notify = False
             queue.completed = []
             queue.broken = False
             if reset and queue.log is not None:

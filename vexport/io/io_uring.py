@@ -37,6 +37,7 @@ _MASK32 = 0xFFFFFFFF
 class IoUringEngine(SlotEngine):
     kind = "io_uring"
     _ffi = _ffi
+    _char_array = _CHAR_ARRAY
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, depth: int = 256) -> None:
         loop = loop if loop is not None else asyncio.get_running_loop()

@@ -51,6 +51,7 @@ _NULL = _ffi.NULL
 class LinuxAioEngine(SlotEngine):
     kind = "native"
     _ffi = _ffi
+    _char_array = _CHAR_ARRAY
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, depth: int = 256) -> None:
         loop = loop if loop is not None else asyncio.get_running_loop()

@@ -48,6 +48,7 @@ class SlotEngine:
 
     kind = ""
     _ffi: Any = None  # the subclass's cffi FFI, whose "struct iovec" the kernel reads
+    _char_array: Any = None  # its ffi.typeof("char[]"), resolved once
     _iovecs: list[Any]
 
     def _pin_vector(self, slot: int, iov: list[memoryview], writable: bool) -> tuple[int, Any]:
@@ -65,7 +66,7 @@ class SlotEngine:
         keep = [vec]
         expect = 0
         pin = ffi.from_buffer
-        char_array = ffi.typeof("char[]")
+        char_array = self._char_array
         for i, m in enumerate(iov):
             b = pin(char_array, m, writable)
             keep.append(b)

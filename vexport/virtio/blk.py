@@ -293,16 +293,11 @@ class VirtioBlk:
             )
         if chain.write_len < 1:
             raise BlkRequestError("request has no writable status byte", chain.head)
-        readable = chain.readable
-        if readable[0].nbytes == 16:  # the header in a buffer of its own (Linux)
-            header: bytes | memoryview = readable[0]
-            out_data = readable[1:]
-        else:
-            header, out_data = _split_header(chain)
+        header, out_data = _split_header(chain)
         type_, _ioprio, sector = OUTHDR.unpack_from(header, 0)
         writable = chain.writable
         last = writable[-1]
-        n = last.nbytes
+        n = len(last)
         if n == 1:
             status_view = last
             in_data = writable[:-1]
@@ -311,29 +306,22 @@ class VirtioBlk:
             in_data = [*writable[:-1], last[: n - 1]]
         kind = type_ & ~VIRTIO_BLK_T_BARRIER
         req = BlkRequest(chain.head, kind, sector, status_view)
-        if kind == VIRTIO_BLK_T_IN or kind == VIRTIO_BLK_T_OUT:
-            if kind == VIRTIO_BLK_T_IN:
-                length = chain.write_len - 1
-                data = in_data
-            else:
-                length = chain.read_len - OUTHDR.size
-                data = out_data
-            cap = self.capacity_sectors
-            if (
-                length == 0
-                or (kind == VIRTIO_BLK_T_OUT and not self.writable)
-                or length & (SECTOR_SIZE - 1)
-                or (sector << SECTOR_BITS) % self.logical_block_size
-                or sector > cap
-                or (length >> SECTOR_BITS) > cap - sector
-            ):  # range_ok() inline
+        if kind == VIRTIO_BLK_T_IN:
+            length = chain.write_len - 1
+            if length == 0 or not self.range_ok(sector, length):
                 req.status = VIRTIO_BLK_S_IOERR
             else:
-                req.iov = data
+                req.iov = in_data
+                req.offset = sector << SECTOR_BITS
+                req.length = req.data_len = length
+        elif kind == VIRTIO_BLK_T_OUT:
+            length = chain.read_len - OUTHDR.size
+            if not self.writable or length == 0 or not self.range_ok(sector, length):
+                req.status = VIRTIO_BLK_S_IOERR
+            else:
+                req.iov = out_data
                 req.offset = sector << SECTOR_BITS
                 req.length = length
-                if kind == VIRTIO_BLK_T_IN:
-                    req.data_len = length
         elif kind == VIRTIO_BLK_T_FLUSH:
             pass
         elif kind == VIRTIO_BLK_T_GET_ID:

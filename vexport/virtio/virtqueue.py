@@ -252,8 +252,7 @@ class SplitQueue:
         return self._inflight_count
 
     def inflight_heads(self) -> list[int]:
-        inflight = self._inflight
-        return [i for i in range(self.size) if inflight[i]]
+        return [i for i, busy in enumerate(self._inflight) if busy]
 
     def avail_idx(self) -> int:
         """avail->idx as the driver wrote it."""
@@ -373,19 +372,16 @@ class SplitQueue:
                     and l1
                     and l2
                     and l0 + l1 + l2 <= _MAX_CHAIN_BYTES
+                    and f1 & ~VRING_DESC_F_WRITE == VRING_DESC_F_NEXT
                 ):
-                    if f1 == VRING_DESC_F_NEXT:
-                        v0 = mem_view(a0, l0, False)
-                        v1 = mem_view(a1, l1, False)
-                        v2 = mem_view(a2, l2, True)
-                        if v0 is not None and v1 is not None and v2 is not None:
-                            return DescriptorChain(head, [v0, v1], [v2], l0 + l1, l2)
-                    elif f1 == VRING_DESC_F_NEXT | VRING_DESC_F_WRITE:
-                        v0 = mem_view(a0, l0, False)
-                        v1 = mem_view(a1, l1, True)
-                        v2 = mem_view(a2, l2, True)
-                        if v0 is not None and v1 is not None and v2 is not None:
+                    data_written = f1 != VRING_DESC_F_NEXT  # a read request's data
+                    v0 = mem_view(a0, l0, False)
+                    v1 = mem_view(a1, l1, data_written)
+                    v2 = mem_view(a2, l2, True)
+                    if v0 is not None and v1 is not None and v2 is not None:
+                        if data_written:
                             return DescriptorChain(head, [v0], [v1, v2], l0, l1 + l2)
+                        return DescriptorChain(head, [v0, v1], [v2], l0 + l1, l2)
         return self._walk_general(head)
 
     def _walk_general(self, head: int) -> DescriptorChain:
