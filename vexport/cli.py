@@ -553,7 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     """The ``vexport`` console script."""
     if argv is None:
         argv = sys.argv[1:]
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    level = os.environ.get("VEXPORT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format=f"{PROG}: %(message)s",
+        stream=sys.stderr,
+    )
     options = split_argv(argv)
     try:
         first = first_pass(options)

@@ -103,8 +103,10 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("ext4", ""),
 )
 
-# Host environment variables handed to the guest command (when set on the host).
+# Host environment variables handed to the guest command (when set on the host), and
+# every VEXPORT_* one (daemon tuning such as VEXPORT_POLL_SPINS reaches the guest's daemons).
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "TERM")
+PASSED_PREFIX = "VEXPORT_"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 BOOT_QEMU = "qemu-system-x86_64"
@@ -578,9 +580,9 @@ def _qemu_argv(image: GuestImage, results: Path, memory_mb: int, cpus: int) -> l
 
 def _env_script(cwd: str, extra_env: Mapping[str, str] | None) -> str:
     env: dict[str, str] = {}
-    for k in PASSED_ENV:
-        if k in os.environ:
-            env[k] = os.environ[k]
+    for k, v in os.environ.items():
+        if k in PASSED_ENV or k.startswith(PASSED_PREFIX):
+            env[k] = v
     path = env.get("PATH", "")
     for d in DEFAULT_PATH.split(":"):
         if d not in path.split(":"):

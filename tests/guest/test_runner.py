@@ -45,10 +45,16 @@ def image() -> runner.GuestImage:
     return runner.prepare()
 
 
-def test_command_status_output_and_environment(image: runner.GuestImage, tmp_path: Path) -> None:
+def test_command_status_output_and_environment(
+    image: runner.GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # VEXPORT_* variables reach the guest; the runner's own ones win.
+    monkeypatch.setenv("VEXPORT_TEST_KNOB", "from-host")
+    monkeypatch.setenv(runner.IN_GUEST_ENV, "0")
     script = (
         "echo to-stdout; echo to-stderr >&2; "
         'echo "home=$HOME in_guest=$VEXPORT_IN_GUEST cwd=$(pwd) kernel=$(uname -r)"; '
+        'echo "knob=$VEXPORT_TEST_KNOB"; '
         "test -c /dev/vduse/control && echo vduse-ok; "
         "touch /tmp/w && echo tmp-writable; "
         "touch /work/probe 2>/dev/null || echo root-readonly; "
@@ -61,7 +67,7 @@ def test_command_status_output_and_environment(image: runner.GuestImage, tmp_pat
     out = res.output
     assert "to-stdout" in out and "to-stderr" in out
     assert f"home=/root in_guest=1 cwd={REPO} kernel={image.kver}" in out
-    for word in ("vduse-ok", "tmp-writable", "root-readonly", "py-ok vexport"):
+    for word in ("vduse-ok", "tmp-writable", "root-readonly", "py-ok vexport", "knob=from-host"):
         assert word in out, out
     assert (tmp_path / "extra.txt").read_text() == "from-guest\n"
     assert (tmp_path / "output.log").read_text() == out

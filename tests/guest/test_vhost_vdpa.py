@@ -28,7 +28,7 @@ pytestmark = pytest.mark.guest
 
 DAEMONS = {
     "qsd": ["qemu-storage-daemon"],
-    "vexport": ["/work/main/.venv/bin/vexport"],
+    "vexport": helpers.VEXPORT,
 }
 SIZE = 16 * 1024 * 1024
 NAME = "vxvh0"

@@ -68,12 +68,16 @@ def log_size(num_queues: int, queue_size: int) -> int:
 class QueueLog:
     """The log of one queue, over a writable buffer (a slice of the mapped file)."""
 
-    __slots__ = ("_buf", "heads", "next_seq", "size")
+    __slots__ = ("_buf", "_seq", "_used16", "heads", "next_seq", "size")
 
     def __init__(self, buf: memoryview, queue_size: int) -> None:
         self._buf = buf
         self.size = queue_size
         self.heads = buf[QUEUE_HEADER_SIZE : QUEUE_HEADER_SIZE + 8 * queue_size].cast("Q")
+        # Single stores (pack_into zeroes a field before writing it, and a kill -9 can
+        # land in between): used->idx as logged, and the sequence number.
+        self._used16 = buf[0:2].cast("H")
+        self._seq = buf[8:16].cast("Q")
         _used, seq = QUEUE_HEADER.unpack_from(buf, 0)
         self.next_seq = max(seq, 1)
 
@@ -82,7 +86,7 @@ class QueueLog:
         return int(QUEUE_HEADER.unpack_from(self._buf, 0)[0])
 
     def set_used_idx(self, used_idx: int) -> None:
-        struct.pack_into("<H", self._buf, 0, used_idx & 0xFFFF)
+        self._used16[0] = used_idx & 0xFFFF
 
     def popped(self, head: int) -> None:
         """Hot path: ``head`` was taken from the avail ring."""
@@ -95,10 +99,10 @@ class QueueLog:
         heads = self.heads
         for head, _len in done:
             heads[head] = 0
-        struct.pack_into("<H", self._buf, 0, used_idx & 0xFFFF)
+        self._used16[0] = used_idx & 0xFFFF
 
     def save_seq(self) -> None:
-        struct.pack_into("<Q", self._buf, 8, self.next_seq)
+        self._seq[0] = self.next_seq
 
     def clear(self) -> None:
         """Forget everything (a reset: the driver forgot its requests too)."""
@@ -106,6 +110,10 @@ class QueueLog:
             self.heads[i] = 0
         QUEUE_HEADER.pack_into(self._buf, 0, 0, 1)
         self.next_seq = 1
+
+    def release(self) -> None:
+        for view in (self.heads, self._used16, self._seq, self._buf):
+            view.release()
 
     def inflight(self) -> list[int]:
         """Heads in flight, in pop order."""
@@ -227,8 +235,7 @@ class InflightLog:
     def close(self) -> None:
         for q in self.queues:
             q.save_seq()
-            q.heads.release()
-            q._buf.release()
+            q.release()
         self._view.release()
         close = getattr(self._mapping, "close", None)
         if close is not None:

@@ -61,10 +61,11 @@ VIRTIO_CONFIG_S_FAILED = 0x80
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_NOTIFY_ON_EMPTY = 24
-# 300 measured best in the guest (bench/README.md, "what helped"), but polling is off by
-# default until a stall seen once in the guest tier with it on is understood
-# (test_vhost_vdpa.py::test_random_verified_io_every_queue, 16 requests never completed).
-POLL_SPINS = 0
+# 300 measured best in the guest (bench/README.md, "what helped").  (Polling was off for
+# a while because of guest-tier failures seen with it on; they came from ring indices
+# stored with struct.pack_into, which zeroes a field before writing it: see virtqueue.py.
+# Polling made them likelier, as the driver then reads the ring while the device writes.)
+POLL_SPINS = 300
 # Poll only after kicks that brought few requests: a driver waiting for each answer
 # (low queue depth).  Deep queues keep the device busy anyway, and polling there cost
 # throughput with aio=threads (its workers need the GIL the poll holds).

@@ -144,7 +144,6 @@ class Submitter:
 AIO_RING_MAGIC = 0xA10A10A1
 _RING_HEADER = struct.Struct("8I")  # id, nr, head, tail, magic, compat, incompat, header_length
 _RING_HEAD_TAIL = struct.Struct("II")
-_RING_HEAD = struct.Struct("I")
 _EVENT = struct.Struct("QQqq")  # struct io_event: data, obj, res, res2
 RING_HEADER_SIZE = 32
 
@@ -172,6 +171,9 @@ class CompletionRing:
             raise ValueError("unknown AIO completion ring layout")
         self.nr = nr
         self._buf = memoryview(ffi.buffer(base, RING_HEADER_SIZE + _EVENT.size * nr))
+        # The kernel reads head when an I/O completes (on any CPU): store it with one
+        # four-byte store, not pack_into, which zeroes the field first.
+        self._head = self._buf[8:12].cast("I")
 
     def reap(self, out: list[tuple[int, int]]) -> int:
         """Append ``(data, res)`` of every completed event to ``out``; return the count."""
@@ -191,10 +193,11 @@ class CompletionRing:
             head += 1
             if head == nr:
                 head = 0
-        _RING_HEAD.pack_into(buf, 8, head)
+        self._head[0] = head
         return count
 
     def close(self) -> None:
+        self._head.release()
         self._buf.release()
 
 

@@ -110,6 +110,14 @@ class Region:
 # -- driver side of a split ring -------------------------------------------------------------
 
 
+def _store16(view: memoryview, offset: int, value: int) -> None:
+    """Store a ring index the device may be reading: one two-byte store.
+    ``struct.pack_into`` would zero the field first, and a device polling it on another
+    CPU could read that 0 (see vexport/virtio/virtqueue.py)."""
+    with view[offset : offset + 2] as field, field.cast("H") as u16:
+        u16[0] = value
+
+
 class DriverRing:
     """Descriptor table, avail ring and used ring of one queue, at ``base`` in ``region``."""
 
@@ -169,7 +177,7 @@ class DriverRing:
         slot = self.avail_idx % self.size
         U16.pack_into(self.region.view, self.avail_off + 4 + 2 * slot, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(self.region.view, self.avail_off + 2, self.avail_idx)  # publish
+        _store16(self.region.view, self.avail_off + 2, self.avail_idx)  # publish
 
     def need_kick(self) -> bool:
         """After publishing: must the device be told (EVENT_IDX: avail_event crossed)?"""
@@ -184,13 +192,25 @@ class DriverRing:
         event = U16.unpack_from(self.region.view, self.used_off + 4 + 8 * self.size)[0]
         return _need_event(event, new, old)
 
+    def describe(self) -> str:
+        """The ring's indices and used entries, for error reports."""
+        v, n = self.region.view, self.size
+        used = [USED_ELEM.unpack_from(v, self.used_off + 4 + 8 * i) for i in range(n)]
+        avail = [U16.unpack_from(v, self.avail_off + 4 + 2 * i)[0] for i in range(n)]
+        avail_event = U16.unpack_from(v, self.used_off + 4 + 8 * n)[0]
+        return (
+            f"avail_idx {self.avail_idx}, kicked_idx {self.kicked_idx}, used_idx "
+            f"{self.used_idx()}, last_used {self.last_used}, avail_event {avail_event}, "
+            f"avail ring {avail}, used ring {used}"
+        )
+
     def used_idx(self) -> int:
         return int(U16.unpack_from(self.region.view, self.used_off + 2)[0])
 
     def arm(self) -> bool:
         """Ask for an interrupt at the next used entry; True if one is already there."""
         if self.event_idx:
-            U16.pack_into(self.region.view, self.avail_off + 4 + 2 * self.size, self.last_used)
+            _store16(self.region.view, self.avail_off + 4 + 2 * self.size, self.last_used)
         _fence()
         return self.used_idx() != self.last_used
 
@@ -550,7 +570,10 @@ class VhostVdpaBlk:
 
     def _complete(self, q: Queue, head: int, used_len: int) -> None:
         if head not in q.inflight:
-            raise DeviceError(f"queue {q.index}: used entry for unknown head {head}")
+            raise DeviceError(
+                f"queue {q.index}: used entry for unknown head {head} (length {used_len}); "
+                + q.ring.describe()
+            )
         slot, descs, req = q.inflight.pop(head)
         meta = q.meta_off + slot * SLOT_META
         data = q.data_off + slot * self.max_io

@@ -88,12 +88,18 @@ VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
 # Native formats, not "<...": CPython packs and unpacks the standard-size formats one
-# byte at a time, so a "<H" store of used->idx going from 0x01ff to 0x0200 is briefly
-# 0x0100 to a driver reading it on another CPU (which then consumes stale used entries:
-# Linux logs "id N is not a head!" and fails the queue), and a "<H" load of avail->idx
-# can combine bytes of two values.  Native formats copy the whole field with one
-# memcpy, which compiles to a single aligned load or store: atomic on x86.  Native order
-# is little endian on the machines vexport runs on (checked below), as virtio wants.
+# byte at a time, so a "<H" load of avail->idx can combine bytes of two values.  Native
+# formats copy the whole field with one memcpy, a single aligned load: atomic on x86.
+# Native order is little endian on the machines vexport runs on (checked below), as
+# virtio wants.
+#
+# Fields the driver reads while the device may be writing them (used->idx, used->flags,
+# avail_event) are never stored with ``struct.pack_into``: it zero-fills its target
+# before writing the value, so a driver polling used->idx on another CPU can read 0 and
+# consume up to 65535 stale used entries (Linux: "id N out of range", the queue fails).
+# They are stored through a ``memoryview.cast("H")`` of the used ring instead: one
+# two-byte store, nothing in between (`_used16`).  The used elements may keep using
+# pack_into: the driver reads none of them before used->idx says they are there.
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("vexport's virtqueue needs a little-endian host")
 DESC = struct.Struct("QIHH")  # addr, len, flags, next (16 bytes, no padding)
@@ -200,12 +206,13 @@ class SplitQueue:
         self._kicks_suppressed = False
         self._signalled_used = 0
         self._signalled_valid = False
-        self._desc = self._avail = self._used = memoryview(b"")
+        self._desc = self._avail = self._used = self._used16 = memoryview(b"")
         self.remap()
         self._used_idx = U16.unpack_from(self._used, 2)[0] if used_idx is None else used_idx
         self._used_idx &= 0xFFFF
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
+        self._avail_event_i = self._avail_event_off // 2  # index in _used16
 
     # -- set-up --------------------------------------------------------------------
 
@@ -226,10 +233,12 @@ class SplitQueue:
         self._desc = self._ring("descriptor table", self.desc_addr, desc_table_size(size), False)
         self._avail = self._ring("avail ring", self.avail_addr, avail_ring_size(size), False)
         self._used = self._ring("used ring", self.used_addr, used_ring_size(size), True)
+        # used->flags [0], used->idx [1], avail_event [2 + 4 * size]: single stores.
+        self._used16 = self._used.cast("H")
 
     def release(self) -> None:
         """Drop the ring views (so that the memory behind them can be unmapped)."""
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._used16, self._desc, self._avail, self._used):
             view.release()
 
     # -- state -----------------------------------------------------------------------
@@ -303,7 +312,7 @@ class SplitQueue:
         """Ring found empty: re-enable kicks; True if entries arrived meanwhile."""
         if not self.event_idx or self._kicks_suppressed:
             return False
-        U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+        self._used16[self._avail_event_i] = self._last_avail
         full_fence()
         return U16.unpack_from(self._avail, 2)[0] != self._last_avail
 
@@ -499,25 +508,26 @@ class SplitQueue:
         USED_ELEM.pack_into(self._used, 4 + 8 * (idx & self._mask), head, written)
         idx = (idx + 1) & 0xFFFF
         self._used_idx = idx
-        U16.pack_into(self._used, 2, idx)
+        self._used16[1] = idx
 
     def push_batch(self, completions: list[tuple[int, int]]) -> None:
         """Several ``(head, written)`` pairs; used->idx is written once, at the end."""
         inflight = self._inflight
         used = self._used
+        used16 = self._used16
         mask = self._mask
         idx = self._used_idx
         for head, written in completions:
             if not 0 <= head < self.size or not inflight[head]:
                 self._used_idx = idx
-                U16.pack_into(used, 2, idx)
+                used16[1] = idx
                 raise ValueError(f"head {head} is not in flight")
             inflight[head] = 0
             self._inflight_count -= 1
             USED_ELEM.pack_into(used, 4 + 8 * (idx & mask), head, written)
             idx = (idx + 1) & 0xFFFF
         self._used_idx = idx
-        U16.pack_into(used, 2, idx)
+        used16[1] = idx
 
     def should_notify(self) -> bool:
         """Whether to interrupt the driver for the entries pushed since the last call."""
@@ -555,15 +565,15 @@ class SplitQueue:
         self._kicks_suppressed = suppress
         if self.event_idx:
             if suppress:
-                U16.pack_into(self._used, self._avail_event_off, (self._last_avail - 1) & 0xFFFF)
+                self._used16[self._avail_event_i] = (self._last_avail - 1) & 0xFFFF
             return
         flags = U16.unpack_from(self._used, 0)[0]
         if suppress:
             flags |= VRING_USED_F_NO_NOTIFY
         else:
             flags &= ~VRING_USED_F_NO_NOTIFY
-        U16.pack_into(self._used, 0, flags)
+        self._used16[0] = flags
 
     def set_avail_event(self, idx: int) -> None:
         """Write avail_event directly (EVENT_IDX): kick me once avail idx passes ``idx``."""
-        U16.pack_into(self._used, self._avail_event_off, idx & 0xFFFF)
+        self._used16[self._avail_event_i] = idx & 0xFFFF
