@@ -20,6 +20,7 @@ import fcntl
 import os
 import platform
 import struct
+from typing import Any
 
 import cffi
 
@@ -124,13 +125,17 @@ class Submitter:
         self._ctx = _long("unsigned long", ctx)
         self._zero = _long("long", 0)
         self._null = ffi.NULL
+        self._counts: list[Any] = []  # _long("long", n), cast once per n (ffi.cast is slow)
 
     def submit(self, n: int, iocbpp: object) -> int:
         """Submit the first ``n`` iocbs of ``iocbpp`` (``struct iocb **``).
 
         Returns how many the kernel accepted; raises OSError if it took none.
         """
-        return _check(_syscall(self._nr_submit, self._ctx, _long("long", n), iocbpp))
+        counts = self._counts
+        while len(counts) <= n:
+            counts.append(_long("long", len(counts)))
+        return _check(_syscall(self._nr_submit, self._ctx, counts[n], iocbpp))
 
     def getevents(self, nr: int, events: object) -> int:
         """Reap up to ``nr`` completions into ``events`` without waiting."""

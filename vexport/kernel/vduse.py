@@ -241,6 +241,9 @@ class VduseRequest(NamedTuple):
     payload: object
 
 
+_INJECT_IRQ = ffi.cast("unsigned long", VDUSE_VQ_INJECT_IRQ)
+
+
 def _ioctl(fd: int, request: int, arg: object) -> int:
     ret = _libc.ioctl(fd, ffi.cast("unsigned long", request), arg)
     if ret < 0:
@@ -409,7 +412,9 @@ class VduseDeviceFd:
         arg = self._irq_args.get(index)
         if arg is None:
             arg = self._irq_args[index] = ffi.new("uint32_t *", index)
-        _ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, arg)
+        if _libc.ioctl(self.fd, _INJECT_IRQ, arg) < 0:  # the hot ioctl: its number cast once
+            err = ffi.errno
+            raise OSError(err, os.strerror(err))
 
     # -- control messages -----------------------------------------------------------
 
