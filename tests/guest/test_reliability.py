@@ -138,10 +138,10 @@ def cleanup(name: str, daemons: list[Daemon]) -> Iterator[None]:
                 helpers.stop_daemon(daemons[-1].proc)
 
 
-def fio_start(dev: str, size: int, out: Path) -> subprocess.Popen[bytes]:
+def fio_start(dev: str, size: int, out: Path, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     argv = [
         "fio", "--name=vxrel", f"--filename={dev}", f"--size={size}",
-        "--output-format=json", f"--output={out}", *FIO_VERIFY,
+        "--output-format=json", f"--output={out}", *FIO_VERIFY, *extra,
     ]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -284,7 +284,10 @@ def test_sigterm_during_verified_writes(tmp_path: Path) -> None:
         assert sock.exists()
         dev = helpers.vdpa_add(name)
         out = tmp_path / "fio.json"
-        fio = fio_start(dev, size, out)
+        # Rate-limited, so that fio is still writing while the daemon is away however fast
+        # the daemon is (unlimited, fio had finished its 32 MiB by then once polling was
+        # back on): 1,700 writes and as many verify reads at 400 per second.
+        fio = fio_start(dev, size, out, extra=["--rate_iops=400"])
         try:
             time.sleep(1.5)
             assert fio.poll() is None, "fio ended before SIGTERM"
