@@ -108,7 +108,8 @@ class QueueLog:
         """Forget everything (a reset: the driver forgot its requests too)."""
         for i in range(self.size):
             self.heads[i] = 0
-        QUEUE_HEADER.pack_into(self._buf, 0, 0, 1)
+        self._used16[0] = 0
+        self._seq[0] = 1
         self.next_seq = 1
 
     def release(self) -> None:

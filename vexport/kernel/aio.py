@@ -132,17 +132,18 @@ class Submitter:
 
         Returns how many the kernel accepted; raises OSError if it took none.
         """
+        return _check(_syscall(self._nr_submit, self._ctx, self._count(n), iocbpp))
+
+    def _count(self, n: int) -> Any:
         counts = self._counts
         while len(counts) <= n:
             counts.append(_long("long", len(counts)))
-        return _check(_syscall(self._nr_submit, self._ctx, counts[n], iocbpp))
+        return counts[n]
 
     def getevents(self, nr: int, events: object) -> int:
         """Reap up to ``nr`` completions into ``events`` without waiting."""
         return _check(
-            _syscall(
-                self._nr_getevents, self._ctx, self._zero, _long("long", nr), events, self._null
-            )
+            _syscall(self._nr_getevents, self._ctx, self._zero, self._count(nr), events, self._null)
         )
 
 

@@ -241,11 +241,14 @@ class VduseRequest(NamedTuple):
     payload: object
 
 
-_INJECT_IRQ = ffi.cast("unsigned long", VDUSE_VQ_INJECT_IRQ)
+_requests: dict[int, Any] = {}  # request number -> its cdata (ffi.cast is slow per call)
 
 
 def _ioctl(fd: int, request: int, arg: object) -> int:
-    ret = _libc.ioctl(fd, ffi.cast("unsigned long", request), arg)
+    req = _requests.get(request)
+    if req is None:
+        req = _requests[request] = ffi.cast("unsigned long", request)
+    ret = _libc.ioctl(fd, req, arg)
     if ret < 0:
         err = ffi.errno
         raise OSError(err, os.strerror(err))
@@ -412,9 +415,7 @@ class VduseDeviceFd:
         arg = self._irq_args.get(index)
         if arg is None:
             arg = self._irq_args[index] = ffi.new("uint32_t *", index)
-        if _libc.ioctl(self.fd, _INJECT_IRQ, arg) < 0:  # the hot ioctl: its number cast once
-            err = ffi.errno
-            raise OSError(err, os.strerror(err))
+        _ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, arg)
 
     # -- control messages -----------------------------------------------------------
 

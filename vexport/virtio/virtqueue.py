@@ -211,8 +211,7 @@ class SplitQueue:
         self._used_idx = U16.unpack_from(self._used, 2)[0] if used_idx is None else used_idx
         self._used_idx &= 0xFFFF
         self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
-        self._avail_event_i = self._avail_event_off // 2  # index in _used16
+        self._avail_event_i = 2 + 4 * size  # avail_event's index in _used16 (byte 4 + 8*size)
 
     # -- set-up --------------------------------------------------------------------
 
