@@ -201,22 +201,55 @@ def proc_state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
-def kill_with_requests_in_flight(daemon: Daemon, inflight_log: Path, tries: int = 200) -> int:
-    """SIGKILL the daemon at a moment its in-flight log holds requests; return how many.
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                    out.append(int(entry))
+    return out
 
-    The daemon is stopped (SIGSTOP) to look at its log: nothing changes while it is
-    stopped, so what the log says is what the next daemon must resubmit.
+
+def holders_of(path: str) -> list[int]:
+    """Processes with ``path`` open."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/fd/{fd}") == path:
+                            out.append(int(entry))
+                            break
+    return out
+
+
+def kill_with_requests_in_flight(
+    daemon: Daemon, inflight_log: Path, tries: int = 200
+) -> tuple[int, list[int]]:
+    """SIGKILL the daemon at a moment its in-flight log holds requests; return how many,
+    and the daemon's queue worker processes (which must die with it).
+
+    The daemon and its workers are stopped (SIGSTOP) to look at the log: nothing changes
+    while they are stopped, so what the log says is what the next daemon must resubmit.
+    Only the daemon is killed: its workers die of their parent-death signal.
     """
     pid = daemon.proc.pid
     for _ in range(tries):
-        os.kill(pid, signal.SIGSTOP)
-        helpers.wait_for(lambda: proc_state(pid) == "T", 10, "the daemon to stop", 0.005)
+        pids = [pid, *children_of(pid)]
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        for p in pids:
+            helpers.wait_for(lambda p=p: proc_state(p) == "T", 10, f"process {p} to stop", 0.005)
         count = inflight_in_log(inflight_log)
         if count:
             daemon.kill()
             assert daemon.proc.returncode == -signal.SIGKILL
-            return count
-        os.kill(pid, signal.SIGCONT)
+            return count, pids[1:]
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
         time.sleep(random.uniform(0.01, 0.1))
     raise AssertionError(f"the daemon never had a request in flight in {tries} looks")
 
@@ -239,7 +272,14 @@ def test_kill9_during_verified_writes_three_times(tmp_path: Path) -> None:
             for round_ in range(1, 4):
                 time.sleep(1)  # fio is writing at depth 16
                 assert fio.poll() is None, f"fio ended before crash {round_}"
-                killed = kill_with_requests_in_flight(daemons[-1], inflight_log)
+                killed, workers = kill_with_requests_in_flight(daemons[-1], inflight_log)
+                # Queue 1 is served by a worker process, which dies with the daemon: no
+                # process may keep the device open, or the restart would get EBUSY.
+                assert len(workers) == 1, (workers, daemons[-1].text())
+                assert "queue 1 served by worker process" in daemons[-1].text()
+                helpers.wait_for(
+                    lambda: not holders_of(f"/dev/vduse/{name}"), 10, "the workers to die"
+                )
                 t0 = time.monotonic()
                 daemons.append(restart(args, name, tmp_path / f"d{round_}.log", env))
                 again = resubmitted(daemons[-1].text())

@@ -139,7 +139,7 @@ EXPORTS: dict[str, Export] = {
     "discard": Export(FILE + ",discard=unmap", "writable=on", 64 * MiB),
     "ro-writable-off": Export(FILE, "writable=off", RO_SIZE, fill_ro),
     "ro-node-read-only": Export(FILE + ",read-only=on", "num-queues=1", RO_SIZE, fill_ro),
-    "resize": Export(FILE, "writable=on", 64 * MiB),
+    "resize": Export(FILE, RW2, 64 * MiB),
     "reattach": Export(FILE + ",aio=native,cache.direct=on", RW2, 16 * MiB),
 }
 
@@ -506,10 +506,20 @@ def test_block_resize_grows_disk(
                 lambda: helpers.disk_bytes(dev) == 96 * MiB, 30, f"{dev} to grow to 96 MiB"
             )
             assert os.path.getsize(image) == 96 * MiB
-            # The new space is usable through the same device, without reattaching.
+            # The new space is usable through the same device, without reattaching, on
+            # both queues (one per CPU; vexport serves queue 1 in a worker process, which
+            # must learn the new size too).
             data = pattern("resize", 64 * 1024)
-            helpers.odirect_write(dev, 96 * MiB - len(data), data)
-            assert helpers.odirect_read(dev, 96 * MiB - len(data), len(data)) == data
+            offsets = {cpu: 96 * MiB - (cpu + 1) * len(data) for cpu in (0, 1)}
+            affinity = os.sched_getaffinity(0)
+            try:
+                for cpu, offset in offsets.items():
+                    os.sched_setaffinity(0, {cpu})
+                    helpers.odirect_write(dev, offset, data)
+                    assert helpers.odirect_read(dev, offset, len(data)) == data
+            finally:
+                os.sched_setaffinity(0, affinity)
         with open(image, "rb") as f:
-            f.seek(96 * MiB - len(data))
-            assert f.read() == data
+            for offset in offsets.values():
+                f.seek(offset)
+                assert f.read(len(data)) == data

@@ -187,6 +187,12 @@ class FileNode(BlockNode):
 
         step(0, offset)
 
+    def after_fork(self) -> None:
+        # The parent's engine (its io context, threads or io_uring) is not this
+        # process's: the worker gets its own with its first request.
+        self._engine = None
+        super().after_fork()
+
     def plug(self) -> None:
         self.engine.plug()
 

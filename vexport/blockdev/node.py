@@ -143,6 +143,21 @@ class BlockNode:
         """The driver's exact size in bytes."""
         raise NotImplementedError
 
+    # -- worker processes -----------------------------------------------------------------
+    def after_fork(self) -> None:
+        """In a forked queue worker: forget what belongs to the parent's event loop (the
+        loop itself, I/O engines), so that requests run in the worker's own loop."""
+        self._loop = None
+        for child in self.children:
+            child.after_fork()
+
+    def refresh_tree_length(self) -> None:
+        """In a queue worker, after the daemon resized the node: re-read the size of the
+        node and of its children (children first: a parent's size derives from them)."""
+        for child in self.children:
+            child.refresh_tree_length()
+        self.refresh_length()
+
     # -- completion helpers -------------------------------------------------------------
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

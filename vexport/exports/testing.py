@@ -108,6 +108,9 @@ class FakeKernel:
         from vexport.exports import vduse_blk
 
         monkeypatch.setattr(vduse_blk, "open_vduse_control", lambda: -1)
+        # The fake's state lives in this process: a forked queue worker's ioctls and
+        # interrupts would go to its own copy.  Every queue is served here.
+        monkeypatch.setenv("VEXPORT_WORKERS", "0")
 
     def control(self) -> FakeVduseControl:
         ctl = FakeVduseControl(self)

@@ -77,6 +77,12 @@ def check_vduse_blk_options(options: dict[str, Any]) -> None:
         raise GenericError(f"Invalid VDUSE device name '{name}'")
 
 
+def queue_workers_enabled() -> bool:
+    """Queues beyond the first in worker processes (vexport/exports/queue_worker.py)
+    unless VEXPORT_WORKERS=0."""
+    return os.environ.get("VEXPORT_WORKERS", "1") != "0"
+
+
 def open_vduse_control() -> int:
     """Open the VDUSE control node, translating its absence into a clear error."""
     try:
@@ -170,6 +176,7 @@ class VduseBlkExport(BlockExport):
                 log_config=log_config,
                 log_path=log_path(self.name),
                 open_control=open_control,
+                workers=queue_workers_enabled(),
             )
         except (DeviceBusy, DeviceConfigMismatch) as e:
             raise GenericError(f"failed to create vduse device: {e}") from None
@@ -261,6 +268,19 @@ class VduseBlkExport(BlockExport):
     def on_queues_stopped(self) -> None:
         pass
 
+    # -- in a queue worker (queue_worker.py) --------------------------------------------
+    def after_fork(self) -> None:
+        self._inflight = 0  # the daemon's requests are the daemon's
+        self._drained = None
+        self.node.after_fork()
+
+    def on_capacity(self, length: int) -> None:
+        self.node.refresh_tree_length()
+        self.blk.set_capacity(length)
+
+    def stop_serving(self) -> None:
+        self._stopping = True
+
     def on_resubmit(self, queue: VduseQueue, chains: list[DescriptorChain]) -> None:
         """Serve again, in order, what a previous daemon had taken but not completed."""
         log.info(
@@ -286,6 +306,7 @@ class VduseBlkExport(BlockExport):
     def resize(self, new_length: int) -> None:
         self.blk.set_capacity(new_length)
         if self.device is not None:
+            self.device.tell_workers(b"capacity %d" % new_length)
             if self.device.log is not None:
                 self.device.log.set_capacity(new_length)
             field_offset, data = blk.capacity_bytes_field(new_length)
@@ -304,6 +325,8 @@ class VduseBlkExport(BlockExport):
 
     async def stop(self, mode: str) -> None:
         self._stopping = True
+        if self.device is not None:
+            self.device.stop_workers()  # each drains its queue first
         await self.drain()
         if self.writable:
             # Everything the driver was told is done reaches the backend's storage.

@@ -30,6 +30,11 @@ batch (the completion batch hook, in the loop iteration in which the requests
 completed) `flush_notifications` pushes each queue's collection to its used ring at once
 and injects one interrupt per queue where `SplitQueue.should_notify` says one is due
 (EVENT_IDX honoured).
+
+Queues beyond the first are served by forked worker processes when ``workers`` is set
+(vexport/exports/queue_worker.py): the daemon builds the queue as above, forks, and from
+then on only forwards to the worker what concerns it (IOTLB invalidations, GET_VQ_STATE,
+resets and stops), waiting for each answer before it answers the kernel.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import errno
 import logging
 import mmap
 import os
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from vexport.exports import queue_worker
 from vexport.exports.inflight_log import InflightLog, LogConfig, QueueLog
 from vexport.io import completions
 from vexport.kernel import vduse as kv
@@ -83,6 +90,23 @@ class DeviceType(Protocol):
         """Requests a previous daemon had taken but not completed (reconnect)."""
         ...
 
+    # In a queue worker (vexport/exports/queue_worker.py):
+    def after_fork(self) -> None:
+        """Forget the daemon's event loop and engines (the worker has its own)."""
+        ...
+
+    def on_capacity(self, length: int) -> None:
+        """The daemon resized the node to ``length`` bytes."""
+        ...
+
+    def stop_serving(self) -> None:
+        """Pop nothing more (the worker is stopping)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every request popped so far has completed."""
+        ...
+
 
 class VduseQueue:
     """One virtqueue of the device: its ring (while running) and its kick eventfd."""
@@ -98,6 +122,7 @@ class VduseQueue:
         self.completed: list[tuple[int, int]] = []  # (head, used length) not pushed yet
         self.saved_avail_idx = 0
         self.log: QueueLog | None = None
+        self.worker: queue_worker.WorkerHandle | None = None  # served by a worker process
 
     @property
     def running(self) -> bool:
@@ -149,8 +174,12 @@ class VduseDevice:
         queue_size: int,
         device_type: DeviceType,
         log: InflightLog | None = None,
+        workers: bool = False,
     ) -> None:
         self.name = name
+        # Queues beyond the first served by worker processes (see queue_worker.py).
+        self.workers = workers
+        self.is_worker = False
         self.log = log
         self.reattached = False
         self.control = control
@@ -189,6 +218,7 @@ class VduseDevice:
         log_config: LogConfig | None = None,
         log_path: str | None = None,
         open_control: Callable[[], kv.VduseControl] = kv.VduseControl.open,
+        workers: bool = False,
     ) -> VduseDevice:
         """Create the device, or reattach to it if it exists and ``log_path`` holds a
         matching in-flight log (a previous daemon died or left it attached)."""
@@ -234,7 +264,7 @@ class VduseDevice:
                     control.destroy_dev(name)
             control.close()
             raise
-        device = cls(name, control, dev, num_queues, queue_size, device_type, log)
+        device = cls(name, control, dev, num_queues, queue_size, device_type, log, workers)
         completions.add_hook(device.flush_notifications)
         if not created:
             device.reattach()
@@ -284,7 +314,7 @@ class VduseDevice:
         )
         self.start_queues(infos)
         for queue in self.queues:
-            if queue.vq is not None:
+            if queue.vq is not None or queue.worker is not None:
                 # A completion may have reached the ring before the old daemon could
                 # interrupt the driver: one spurious interrupt is harmless.
                 with contextlib.suppress(OSError):
@@ -313,10 +343,10 @@ class VduseDevice:
                 self._set_status(request.payload)
             elif request.type == kv.VDUSE_GET_VQ_STATE:
                 assert isinstance(request.payload, int)
-                vq_state = (request.payload, self._avail_index(request.payload))
+                vq_state = (request.payload, self.avail_index(request.payload))
             elif request.type == kv.VDUSE_UPDATE_IOTLB:
                 assert isinstance(request.payload, tuple)
-                self._invalidate(int(request.payload[0]), int(request.payload[1]))
+                self.invalidate_range(int(request.payload[0]), int(request.payload[1]))
             else:
                 log.warning("%s: unknown control message type %d", self.name, request.type)
                 result = kv.VDUSE_REQ_RESULT_FAILED
@@ -328,10 +358,12 @@ class VduseDevice:
         except OSError as e:
             log.error("%s: answering control message failed: %s", self.name, e)
 
-    def _avail_index(self, index: int) -> int:
+    def avail_index(self, index: int) -> int:
         if not 0 <= index < len(self.queues):
             raise ValueError(f"no queue {index}")
         queue = self.queues[index]
+        if queue.worker is not None:
+            return int(queue.worker.request(b"avail"))
         if queue.vq is not None:
             return queue.vq.last_avail_idx
         return queue.saved_avail_idx
@@ -352,8 +384,9 @@ class VduseDevice:
         notify_on_empty = bool(self.features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
         if self.log is not None:
             self.log.write_header(self.features)
+        started: list[tuple[VduseQueue, list[int]]] = []
         for queue in self.queues:
-            if queue.vq is not None:
+            if queue.vq is not None or queue.worker is not None:
                 continue  # already running (a re-queued DRIVER_OK after a reattach)
             info = infos[queue.index] if infos else self.dev.vq_get_info(queue.index)
             if not info.ready:
@@ -381,7 +414,6 @@ class VduseDevice:
             queue.broken = False
             queue.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.dev.vq_setup_kickfd(queue.index, queue.kick_fd)
-            self._loop.add_reader(queue.kick_fd, self._on_kick, queue)
             log.debug(
                 "%s: queue %d started: size %d, avail idx %d, %d to resubmit",
                 self.name,
@@ -390,10 +422,110 @@ class VduseDevice:
                 last_avail,
                 len(resubmit),
             )
-            if resubmit:
-                self._resubmit(queue, resubmit)
-            # Requests may have been made available before the kick fd existed.
-            self._loop.call_soon(self._on_kick, queue)
+            started.append((queue, resubmit))
+        for queue, resubmit in started:
+            if self.workers and queue.index > 0:
+                self._start_worker(queue, resubmit)
+            else:
+                self.serve_started_queue(queue, resubmit)
+
+    def serve_started_queue(self, queue: VduseQueue, resubmit: list[int]) -> None:
+        """Serve a started queue in this process (the daemon, or the queue's worker)."""
+        self._loop.add_reader(queue.kick_fd, self._on_kick, queue)
+        if resubmit:
+            self._resubmit(queue, resubmit)
+        # Requests may have been made available before the kick fd existed.
+        self._loop.call_soon(self._on_kick, queue)
+
+    # -- worker processes (queue_worker.py) ----------------------------------------------
+    def _start_worker(self, queue: VduseQueue, resubmit: list[int]) -> None:
+        handle = queue_worker.spawn(self, queue, resubmit)
+        # The worker owns the ring and the kick fd now.
+        queue.worker = handle
+        assert queue.vq is not None
+        queue.vq.release()
+        queue.vq = None
+        os.close(queue.kick_fd)
+        queue.kick_fd = -1
+        self._loop.add_reader(handle.sock.fileno(), self._on_worker_event, queue)
+        log.info("%s: queue %d served by worker process %d", self.name, queue.index, handle.pid)
+
+    def _on_worker_event(self, queue: VduseQueue) -> None:
+        """The worker's socket is readable outside a request: it died."""
+        handle = queue.worker
+        if handle is None:
+            return
+        try:
+            data = handle.sock.recv(256, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            handle.sock.recv(256, socket.MSG_DONTWAIT)  # a late answer: drop it
+            return
+        self._loop.remove_reader(handle.sock.fileno())
+        status = handle.reap()
+        queue.worker = None
+        queue.broken = True
+        log.error(
+            "%s: the worker of queue %d (pid %d) exited (status %s): the queue is not served",
+            self.name,
+            queue.index,
+            handle.pid,
+            status,
+        )
+
+    def _stop_worker(self, queue: VduseQueue, reset: bool) -> None:
+        handle = queue.worker
+        if handle is None:
+            return
+        queue.worker = None
+        self._loop.remove_reader(handle.sock.fileno())
+        timeout = queue_worker.ANSWER_TIMEOUT if reset else queue_worker.DRAIN_TIMEOUT
+        try:
+            answer = handle.request(b"stop 1" if reset else b"stop 0", timeout)
+            queue.saved_avail_idx = 0 if reset else int(answer)
+        except (queue_worker.WorkerGone, ValueError) as e:
+            log.error("%s: stopping queue %d: %s", self.name, queue.index, e)
+        handle.reap()
+
+    def stop_workers(self) -> None:
+        """Stop every worker: each waits for its requests in flight and exits."""
+        for queue in self.queues:
+            self._stop_worker(queue, reset=False)
+
+    def tell_workers(self, message: bytes) -> None:
+        for queue in self.queues:
+            if queue.worker is not None:
+                try:
+                    queue.worker.request(message)
+                except queue_worker.WorkerGone as e:
+                    log.error("%s: %s", self.name, e)
+
+    def become_worker(self, queue: VduseQueue, loop: asyncio.AbstractEventLoop) -> None:
+        """In a freshly forked worker: keep ``queue`` only, in the worker's loop."""
+        self.is_worker = True
+        self.workers = False
+        self._loop = loop
+        self._notify_pending = []
+        self._notify_scheduled = False
+        for other in self.queues:
+            if other.worker is not None:  # another worker's socket, inherited
+                other.worker.sock.close()
+                other.worker = None
+            if other is queue:
+                continue
+            if other.kick_fd >= 0:
+                os.close(other.kick_fd)
+                other.kick_fd = -1
+            if other.vq is not None:
+                other.vq.release()
+                other.vq = None
+            other.log = None  # written by its own process only
+            other.completed = []
+        completions.add_hook(self.flush_notifications)
+        self.device_type.after_fork()
 
     def _recover(self, queue: VduseQueue, info: kv.VqInfo) -> tuple[list[int], int]:
         assert queue.log is not None
@@ -434,6 +566,8 @@ class VduseDevice:
         self.device_type.on_resubmit(queue, chains)
 
     def stop_queues(self, reset: bool = False) -> None:
+        for queue in self.queues:
+            self._stop_worker(queue, reset)
         for queue in self.queues:
             if queue.kick_fd >= 0:
                 self._loop.remove_reader(queue.kick_fd)
@@ -585,6 +719,12 @@ class VduseDevice:
         self._mmaps[entry.start] = mapping
         log.debug("%s: mapped IOVA 0x%x-0x%x perm %d", self.name, entry.start, entry.last, perm)
         return True
+
+    def invalidate_range(self, start: int, last: int) -> None:
+        """UPDATE_IOTLB: every process serving a queue forgets its mappings of the range
+        before the kernel gets its answer."""
+        self.tell_workers(b"inval %d %d" % (start, last))
+        self._invalidate(start, last)
 
     def _invalidate(self, start: int, last: int) -> None:
         for region in self.memory.remove_range(start, last):

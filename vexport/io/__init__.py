@@ -96,3 +96,9 @@ def close_engines(loop: asyncio.AbstractEventLoop | None = None) -> None:
     for key in list(_engines):
         if loop is None or key[0] is loop:
             _engines.pop(key).close()
+
+
+def forget_engines_after_fork() -> None:
+    """In a forked queue worker: forget the parent's engines without closing them (their
+    io contexts, threads and rings are the parent's); `get_engine` makes new ones."""
+    _engines.clear()

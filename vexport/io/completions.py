@@ -152,3 +152,14 @@ def defer(loop: asyncio.AbstractEventLoop, done: Done, ret: int) -> None:
             del _deferred[old]
         d = _deferred[loop] = _Deferred(loop)
     d.add(done, ret)
+
+
+def reset_after_fork() -> None:
+    """In a forked queue worker: drop the parent's hooks, pollers and pending batches
+    (they belong to the parent's device and engines and its event loop)."""
+    global _depth
+    _hooks.clear()
+    _pollers.clear()
+    _in_batch_deferred.clear()
+    _deferred.clear()
+    _depth = 0

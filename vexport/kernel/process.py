@@ -1,0 +1,28 @@
+"""Process control the standard library lacks: prctl(PR_SET_PDEATHSIG).
+
+A queue worker (see vexport/exports/queue_worker.py) holds ``/dev/vduse/NAME`` open; if
+the daemon is killed, the worker must die with it, or a restarted daemon could not open
+the device again (EBUSY).  cffi in ABI mode, like the other kernel modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cffi
+
+ffi = cffi.FFI()
+ffi.cdef(
+    "int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,"
+    " unsigned long arg5);"
+)
+_libc = ffi.dlopen(None)
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent thread exits."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err))
