@@ -245,6 +245,9 @@ def kill_with_requests_in_flight(
             helpers.wait_for(lambda p=p: proc_state(p) == "T", 10, f"process {p} to stop", 0.005)
         count = inflight_in_log(inflight_log)
         if count:
+            for worker in pids[1:]:  # named for ps and top
+                comm = Path(f"/proc/{worker}/comm").read_text().strip()
+                assert comm.startswith("vexport-q"), comm
             daemon.kill()
             assert daemon.proc.returncode == -signal.SIGKILL
             return count, pids[1:]

@@ -101,6 +101,33 @@ def test_worker_dies_with_the_daemon() -> None:
             os.waitpid(daemon, 0)
 
 
+def test_worker_leaves_sigterm_to_the_daemon() -> None:
+    """SIGTERM sent to every process of the daemon (systemd stops a service's whole
+    cgroup that way) must not kill a worker before the daemon has drained it; ^C
+    (SIGINT to the foreground process group) neither."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            loop = queue_worker.become_worker_process(os.getppid())
+            os.write(w, b"ready %d" % (loop is not None))
+            time.sleep(2)
+            os.write(w, b" alive")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready and os.read(r, 64) == b"ready 1"
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        assert read_until_eof(r, 30) == b" alive"
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 def test_worker_started_after_the_daemon_died_exits() -> None:
     """A worker whose daemon died before the death signal was armed does not serve."""
     r, w = os.pipe()

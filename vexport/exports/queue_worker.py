@@ -30,7 +30,8 @@ daemon, so this cannot deadlock):
                        answer ``AVAIL`` and exit
 =====================  =================================================================
 
-A worker dies with the daemon: PR_SET_PDEATHSIG(SIGKILL), then a check that the parent
+A worker (named ``vexport-qN`` in ps and top) ignores SIGTERM, SIGINT and SIGHUP: the
+daemon stops it.  It dies with the daemon: PR_SET_PDEATHSIG(SIGKILL), then a check that the parent
 did not die before that (``getppid``), so after ``kill -9`` of the daemon no process
 keeps ``/dev/vduse/NAME`` open, and a restarted daemon reattaches from the log the
 workers kept.  A worker that dies on its own makes its queue broken (logged); the
@@ -49,7 +50,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vexport.io import completions, forget_engines_after_fork
-from vexport.kernel.process import set_parent_death_signal
+from vexport.kernel.process import set_name, set_parent_death_signal
 
 if TYPE_CHECKING:
     from vexport.exports.vduse_device import VduseDevice, VduseQueue
@@ -84,27 +85,24 @@ class WorkerHandle:
             self.sock.send(message)
             answer = self.sock.recv(256)
         except (OSError, TimeoutError) as e:
-            self.kill()
             raise WorkerGone(
                 f"the worker of queue {self.queue_index} (pid {self.pid}) did not answer "
                 f"{message.decode()!r}: {e or 'timed out'}"
             ) from None
         if not answer:
-            self.reap()
             raise WorkerGone(f"the worker of queue {self.queue_index} (pid {self.pid}) exited")
         return answer
 
-    def kill(self) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        self.reap()
-
-    def reap(self) -> int | None:
-        """Wait for the worker's exit (it has been told to exit, or killed)."""
+    def end(self, kill: bool = False) -> int | None:
+        """Wait for the worker's exit (it was told to exit, or died; ``kill``: SIGKILL it
+        first), close the socket; returns the wait status.  The caller stops watching
+        the socket first."""
         status: int | None = None
         if self.alive:
             self.alive = False
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(self.pid, 0)
             self.sock.close()
@@ -144,6 +142,8 @@ def _worker_main(
     loop = become_worker_process(parent_pid)
     if loop is None:
         return
+    with contextlib.suppress(OSError):
+        set_name(f"vexport-q{queue.index}")
     device.become_worker(queue, loop)
     worker = _Worker(device, queue, sock, loop)
     try:
@@ -161,10 +161,12 @@ def become_worker_process(parent_pid: int) -> asyncio.AbstractEventLoop | None:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:
         return None  # the daemon died before the death signal was armed
-    # The daemon's signal handlers and its loop's wake-up fd are not ours: SIGTERM kills
-    # (the daemon stops workers itself), ^C and SIGHUP go to the daemon only.
+    # The daemon's signal handlers and its loop's wake-up fd are not ours.  SIGTERM, ^C
+    # and SIGHUP are the daemon's to act on: it stops its workers itself (draining them
+    # first), and a worker dies with it anyway.  (systemd sends SIGTERM to every process
+    # of the service at once.)
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     asyncio.events._set_running_loop(None)

@@ -363,7 +363,7 @@ class VduseDevice:
             raise ValueError(f"no queue {index}")
         queue = self.queues[index]
         if queue.worker is not None:
-            return int(queue.worker.request(b"avail"))
+            return int(self._ask(queue, b"avail"))
         if queue.vq is not None:
             return queue.vq.last_avail_idx
         return queue.saved_avail_idx
@@ -464,31 +464,51 @@ class VduseDevice:
         if data:
             handle.sock.recv(256, socket.MSG_DONTWAIT)  # a late answer: drop it
             return
-        self._loop.remove_reader(handle.sock.fileno())
-        status = handle.reap()
+        self._worker_lost(queue, f"the worker of queue {queue.index} (pid {handle.pid}) exited")
+
+    def _worker_lost(self, queue: VduseQueue, reason: str) -> None:
+        """A worker died or stopped answering: kill it; its queue is not served any more."""
+        handle = queue.worker
+        if handle is None:
+            return
         queue.worker = None
         queue.broken = True
+        self._loop.remove_reader(handle.sock.fileno())
+        status = handle.end(kill=True)
         log.error(
-            "%s: the worker of queue %d (pid %d) exited (status %s): the queue is not served",
-            self.name,
-            queue.index,
-            handle.pid,
-            status,
+            "%s: %s (wait status %s): queue %d stopped", self.name, reason, status, queue.index
         )
+
+    def _ask(
+        self, queue: VduseQueue, message: bytes, timeout: float = queue_worker.ANSWER_TIMEOUT
+    ) -> bytes:
+        """One request to the queue's worker and its answer (WorkerGone: it is lost)."""
+        assert queue.worker is not None
+        try:
+            return queue.worker.request(message, timeout)
+        except queue_worker.WorkerGone as e:
+            self._worker_lost(queue, str(e))
+            raise
 
     def _stop_worker(self, queue: VduseQueue, reset: bool) -> None:
         handle = queue.worker
         if handle is None:
             return
-        queue.worker = None
-        self._loop.remove_reader(handle.sock.fileno())
         timeout = queue_worker.ANSWER_TIMEOUT if reset else queue_worker.DRAIN_TIMEOUT
         try:
-            answer = handle.request(b"stop 1" if reset else b"stop 0", timeout)
+            answer = self._ask(queue, b"stop 1" if reset else b"stop 0", timeout)
+        except queue_worker.WorkerGone:
+            return  # logged; the queue is stopped all the same
+        queue.worker = None
+        self._loop.remove_reader(handle.sock.fileno())
+        handle.end()
+        queue.broken = False
+        try:
             queue.saved_avail_idx = 0 if reset else int(answer)
-        except (queue_worker.WorkerGone, ValueError) as e:
-            log.error("%s: stopping queue %d: %s", self.name, queue.index, e)
-        handle.reap()
+        except ValueError:
+            log.error(
+                "%s: queue %d: the worker answered %r to stop", self.name, queue.index, answer
+            )
 
     def stop_workers(self) -> None:
         """Stop every worker: each waits for its requests in flight and exits."""
@@ -498,10 +518,8 @@ class VduseDevice:
     def tell_workers(self, message: bytes) -> None:
         for queue in self.queues:
             if queue.worker is not None:
-                try:
-                    queue.worker.request(message)
-                except queue_worker.WorkerGone as e:
-                    log.error("%s: %s", self.name, e)
+                with contextlib.suppress(queue_worker.WorkerGone):  # logged by _ask
+                    self._ask(queue, message)
 
     def become_worker(self, queue: VduseQueue, loop: asyncio.AbstractEventLoop) -> None:
         """In a freshly forked worker: keep ``queue`` only, in the worker's loop."""

@@ -1,4 +1,4 @@
-"""Process control the standard library lacks: prctl(PR_SET_PDEATHSIG).
+"""Process control the standard library lacks: prctl(PR_SET_PDEATHSIG, PR_SET_NAME).
 
 A queue worker (see vexport/exports/queue_worker.py) holds ``/dev/vduse/NAME`` open; if
 the daemon is killed, the worker must die with it, or a restarted daemon could not open
@@ -19,10 +19,20 @@ ffi.cdef(
 _libc = ffi.dlopen(None)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send ``signum`` to this process when its parent thread exits."""
     if _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err))
+
+
+def set_name(name: str) -> None:
+    """Name this process (its ``comm``: what ps, top and /proc/PID/comm show; at most
+    15 bytes are kept)."""
+    buf = ffi.new("char[]", name.encode()[:15])
+    if _libc.prctl(PR_SET_NAME, int(ffi.cast("uintptr_t", buf)), 0, 0, 0) != 0:
         err = ffi.errno
         raise OSError(err, os.strerror(err))
