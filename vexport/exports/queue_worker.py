@@ -34,8 +34,8 @@ A worker (named ``vexport-qN`` in ps and top) ignores SIGTERM, SIGINT and SIGHUP
 daemon stops it.  It dies with the daemon: PR_SET_PDEATHSIG(SIGKILL), then a check that the parent
 did not die before that (``getppid``), so after ``kill -9`` of the daemon no process
 keeps ``/dev/vduse/NAME`` open, and a restarted daemon reattaches from the log the
-workers kept.  A worker that dies on its own makes its queue broken (logged); the
-daemon and its other queues go on.
+workers kept.  If a worker dies on its own (or stops answering: it is killed), the daemon
+takes its queue over from the ring and the log, as a restarted daemon would.
 """
 
 from __future__ import annotations

@@ -379,9 +379,6 @@ class VduseDevice:
     # -- queues -----------------------------------------------------------------------
     def start_queues(self, infos: list[kv.VqInfo] | None = None) -> None:
         self.features = self.dev.get_features()
-        event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        indirect = bool(self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
-        notify_on_empty = bool(self.features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
         if self.log is not None:
             self.log.write_header(self.features)
         started: list[tuple[VduseQueue, list[int]]] = []
@@ -391,43 +388,53 @@ class VduseDevice:
             info = infos[queue.index] if infos else self.dev.vq_get_info(queue.index)
             if not info.ready:
                 continue
-            resubmit: list[int] = []
-            try:
-                last_avail = info.avail_index
-                if self.reattached and queue.log is not None:
-                    resubmit, last_avail = self._recover(queue, info)
-                queue.vq = SplitQueue(
-                    self.memory,
-                    info.num,
-                    info.desc_addr,
-                    info.driver_addr,
-                    info.device_addr,
-                    event_idx=event_idx,
-                    indirect=indirect,
-                    notify_on_empty=notify_on_empty,
-                    last_avail_idx=last_avail,
-                )
-            except Exception as e:
-                log.error("%s: queue %d cannot be started: %s", self.name, queue.index, e)
-                queue.broken = True
-                continue
-            queue.broken = False
-            queue.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.dev.vq_setup_kickfd(queue.index, queue.kick_fd)
-            log.debug(
-                "%s: queue %d started: size %d, avail idx %d, %d to resubmit",
-                self.name,
-                queue.index,
-                info.num,
-                last_avail,
-                len(resubmit),
-            )
-            started.append((queue, resubmit))
+            resubmit = self._start_queue(queue, info, recover=self.reattached)
+            if resubmit is not None:
+                started.append((queue, resubmit))
         for queue, resubmit in started:
             if self.workers and queue.index > 0:
                 self._start_worker(queue, resubmit)
             else:
                 self.serve_started_queue(queue, resubmit)
+
+    def _start_queue(self, queue: VduseQueue, info: kv.VqInfo, recover: bool) -> list[int] | None:
+        """Build the queue's ring and kick fd; with ``recover``, resume from the in-flight
+        log.  Returns the heads to resubmit, or None if the queue cannot start (broken)."""
+        event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        indirect = bool(self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        notify_on_empty = bool(self.features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
+        resubmit: list[int] = []
+        try:
+            last_avail = info.avail_index
+            if recover and queue.log is not None:
+                resubmit, last_avail = self._recover(queue, info)
+            queue.vq = SplitQueue(
+                self.memory,
+                info.num,
+                info.desc_addr,
+                info.driver_addr,
+                info.device_addr,
+                event_idx=event_idx,
+                indirect=indirect,
+                notify_on_empty=notify_on_empty,
+                last_avail_idx=last_avail,
+            )
+        except Exception as e:
+            log.error("%s: queue %d cannot be started: %s", self.name, queue.index, e)
+            queue.broken = True
+            return None
+        queue.broken = False
+        queue.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.dev.vq_setup_kickfd(queue.index, queue.kick_fd)
+        log.debug(
+            "%s: queue %d started: size %d, avail idx %d, %d to resubmit",
+            self.name,
+            queue.index,
+            info.num,
+            last_avail,
+            len(resubmit),
+        )
+        return resubmit
 
     def serve_started_queue(self, queue: VduseQueue, resubmit: list[int]) -> None:
         """Serve a started queue in this process (the daemon, or the queue's worker)."""
@@ -466,8 +473,9 @@ class VduseDevice:
             return
         self._worker_lost(queue, f"the worker of queue {queue.index} (pid {handle.pid}) exited")
 
-    def _worker_lost(self, queue: VduseQueue, reason: str) -> None:
-        """A worker died or stopped answering: kill it; its queue is not served any more."""
+    def _worker_lost(self, queue: VduseQueue, reason: str, take_over: bool = True) -> None:
+        """A worker died or stopped answering: kill it; with ``take_over``, serve its queue
+        here (soon: not inside the control message being answered)."""
         handle = queue.worker
         if handle is None:
             return
@@ -475,19 +483,48 @@ class VduseDevice:
         queue.broken = True
         self._loop.remove_reader(handle.sock.fileno())
         status = handle.end(kill=True)
-        log.error(
-            "%s: %s (wait status %s): queue %d stopped", self.name, reason, status, queue.index
-        )
+        log.error("%s: %s (wait status %s)", self.name, reason, status)
+        if take_over:
+            self._loop.call_soon(self._take_over, queue)
+
+    def _take_over(self, queue: VduseQueue) -> None:
+        """Serve in this process a queue whose worker is gone: resume from the kernel's
+        ring addresses and the in-flight log, as a restarted daemon would, and serve
+        again what the worker had taken and not completed."""
+        if queue.vq is not None or queue.worker is not None:
+            return  # restarted meanwhile (a reset and DRIVER_OK)
+        if self._closed or not self.status & VIRTIO_CONFIG_S_DRIVER_OK or queue.log is None:
+            log.error("%s: queue %d is not served any more", self.name, queue.index)
+            return
+        try:
+            info = self.dev.vq_get_info(queue.index)
+        except OSError as e:
+            log.error("%s: queue %d cannot be taken over: %s", self.name, queue.index, e)
+            return
+        if not info.ready:
+            return
+        resubmit = self._start_queue(queue, info, recover=True)
+        if resubmit is None:
+            return
+        log.warning("%s: queue %d now served by the daemon itself", self.name, queue.index)
+        self.serve_started_queue(queue, resubmit)
+        # The worker may have pushed completions it did not signal.
+        with contextlib.suppress(OSError):
+            self.dev.vq_inject_irq(queue.index)
 
     def _ask(
-        self, queue: VduseQueue, message: bytes, timeout: float = queue_worker.ANSWER_TIMEOUT
+        self,
+        queue: VduseQueue,
+        message: bytes,
+        timeout: float = queue_worker.ANSWER_TIMEOUT,
+        take_over: bool = True,
     ) -> bytes:
         """One request to the queue's worker and its answer (WorkerGone: it is lost)."""
         assert queue.worker is not None
         try:
             return queue.worker.request(message, timeout)
         except queue_worker.WorkerGone as e:
-            self._worker_lost(queue, str(e))
+            self._worker_lost(queue, str(e), take_over)
             raise
 
     def _stop_worker(self, queue: VduseQueue, reset: bool) -> None:
@@ -496,7 +533,7 @@ class VduseDevice:
             return
         timeout = queue_worker.ANSWER_TIMEOUT if reset else queue_worker.DRAIN_TIMEOUT
         try:
-            answer = self._ask(queue, b"stop 1" if reset else b"stop 0", timeout)
+            answer = self._ask(queue, b"stop 1" if reset else b"stop 0", timeout, take_over=False)
         except queue_worker.WorkerGone:
             return  # logged; the queue is stopped all the same
         queue.worker = None
