@@ -33,15 +33,30 @@ def cpu_ticks(pid: int) -> int:
     return tree_ticks(pid)
 
 
+def guest_cpu() -> list[int]:
+    """The guest's CPU time so far (all CPUs), per /proc/stat column."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+IDLE_COLUMNS = (3, 4)  # idle, iowait
+LAST_IDLE = [0.0]  # the guest's idle share during the last fio run
+
+
 def run_fio(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float]:
-    """Run the cell's fio once; (fio stdout, daemon CPU seconds meanwhile)."""
+    """Run the cell's fio once; (fio stdout, daemon CPU seconds meanwhile).  The
+    guest's idle share over the run goes to LAST_IDLE (is there a CPU left to use?)."""
     t0 = cpu_ticks(pid)
+    s0 = guest_cpu()
     out = subprocess.run(
         an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
         capture_output=True,
         text=True,
         check=False,
     )
+    delta = [b - a for a, b in zip(s0, guest_cpu(), strict=True)]
+    idle = sum(delta[i] for i in IDLE_COLUMNS) / max(sum(delta), 1)
+    LAST_IDLE[0] = idle
     return out.stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK")
 
 
@@ -79,7 +94,7 @@ def ab(ns: argparse.Namespace) -> int:
                 results[variant].append(sample)
                 line = (
                     f"rep {rep} {variant}: {sample[0]:.0f} IOPS, lat50 {sample[1]:.0f} us, "
-                    f"{sample[2]:.3f} s/kIO"
+                    f"{sample[2]:.3f} s/kIO, guest idle {100 * LAST_IDLE[0]:.0f}%"
                 )
                 print(line, flush=True)
                 lines.append(line)
@@ -145,7 +160,8 @@ def main() -> int:
         summary.append(
             f"{ns.backend} q{ns.queues} {ns.rw} d{ns.depth} tool={ns.tool}: "
             f"{res.iops:.0f} IOPS, lat50 {res.clat_median_us or 0:.0f} us, daemon cpu "
-            f"{cpu:.2f} s = {1000 * cpu / max(res.iops * ns.runtime, 1):.3f} s/kIO"
+            f"{cpu:.2f} s = {1000 * cpu / max(res.iops * ns.runtime, 1):.3f} s/kIO, "
+            f"guest idle {100 * LAST_IDLE[0]:.0f}% of {os.cpu_count()} CPUs"
         )
         if ns.tool == "perf":
             rep = subprocess.run(

@@ -157,19 +157,28 @@ class Device:
             completions.end()
 
     def _kick(self) -> None:
+        # The export's loop (VduseBlkExport.on_kick): pop_simple, then one pop_batch
+        # entry for anything else (or to find the ring empty and re-arm kicks).
         vq, parse, execute = self.vq, self.vblk.parse, self.vblk.execute
+        parse_simple = self.vblk.parse_simple
+        first_len, last_len = blk.SIMPLE_SHAPE
         backend, done, batch = self.backend, self._done, self.batch
         plug = getattr(backend, "plug", None)
         if plug is not None:
             plug()
         while True:
-            chains = vq.pop_batch(batch)
-            if not chains:
-                break
-            for chain in chains:
-                req = parse(chain)
+            simple = vq.pop_simple(batch, first_len, last_len)
+            for sc in simple:
+                req = parse_simple(sc)
                 self.inflight += 1
                 execute(req, backend, done)  # type: ignore[arg-type]
+            if len(simple) == batch:
+                continue
+            chains = vq.pop_batch(1)
+            if not chains:
+                break
+            self.inflight += 1
+            execute(parse(chains[0]), backend, done)  # type: ignore[arg-type]
         unplug = getattr(backend, "unplug", None)
         if unplug is not None:
             unplug()

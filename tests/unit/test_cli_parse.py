@@ -173,3 +173,22 @@ def test_object_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "poll-max-ns=<int>" in capsys.readouterr().out
     assert cli.parse_object_arg("iothread,id=io0,poll-max-ns=0x10") == {
         "qom-type": "iothread", "id": "io0", "poll-max-ns": 16}  # fmt: skip
+
+
+def test_settle_heap_freezes_the_start_up_objects(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After start-up the daemon hides its long-lived objects from the cyclic GC
+    (VEXPORT_GC=default keeps the standard behaviour)."""
+    import gc
+
+    from vexport.cli import settle_heap
+
+    gc.unfreeze()
+    try:
+        monkeypatch.setenv("VEXPORT_GC", "default")
+        settle_heap()
+        assert gc.get_freeze_count() == 0
+        monkeypatch.delenv("VEXPORT_GC")
+        settle_heap()
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -611,3 +611,56 @@ def test_ring_indices_use_single_store_formats() -> None:
 
     for fmt in (virtqueue.U16.format, virtqueue.USED_ELEM.format, virtqueue.DESC.format):
         assert fmt[0] not in "<>!=", fmt
+
+
+# -- pop_simple: the three-buffer indirect fast path ------------------------------------
+
+
+def test_pop_simple_takes_the_common_shape_and_stops_at_anything_else() -> None:
+    """Indirect chains of header/data/status are taken in place, in ring order; a
+    direct chain stops it without being consumed (pop_batch takes that one); after
+    it, the fast path goes on."""
+    d = FakeDriver(8)
+    q = d.queue(indirect=True, event_idx=True)
+    read = d.add_chain([b"R" * 16], [4096, 1], indirect=True)
+    write = d.add_chain([b"W" * 16, b"d" * 512], [1], indirect=True)
+    direct = d.add_chain([b"D" * 16], [512, 1])
+    last = d.add_chain([b"L" * 16], [1024, 1], indirect=True)
+    got = q.pop_simple(8, 16, 1)
+    assert [g[0] for g in got] == [read.head, write.head]
+    _head, view, first, data, data_len, data_written, status = got[0]
+    assert bytes(view[first : first + 16]) == b"R" * 16
+    assert (data_len, data_written) == (4096, True)
+    view[data] = 0x5A
+    view[status] = 3
+    assert d.read(read.writable[0][0], 1) == b"\x5a" and d.read(read.writable[1][0], 1) == b"\x03"
+    _head, view, first, data, data_len, data_written, status = got[1]
+    assert (bytes(view[data : data + data_len]), data_written) == (b"d" * 512, False)
+    assert q.last_avail_idx == 2 and q.inflight_heads() == sorted([read.head, write.head])
+    assert q.pop_simple(8, 16, 1) == []  # the direct chain is next
+    chain = q.pop()
+    assert chain is not None and chain.head == direct.head
+    assert [g[0] for g in q.pop_simple(8, 16, 1)] == [last.head]
+    assert q.pop_simple(8, 16, 1) == [] and q.pop() is None  # empty: pop re-arms
+    assert d.avail_event == 4
+
+
+def test_pop_simple_respects_its_limit_and_other_lengths() -> None:
+    d = FakeDriver(8)
+    q = d.queue(indirect=True)
+    subs = [d.add_chain([b"h" * 16], [512, 1], indirect=True) for _ in range(3)]
+    assert [g[0] for g in q.pop_simple(2, 16, 1)] == [s.head for s in subs[:2]]
+    assert q.pop_simple(2, 32, 1) == []  # another first length: left for pop_batch
+    assert [g[0] for g in q.pop_simple(2, 16, 1)] == [subs[2].head]
+
+
+def test_pop_simple_leaves_faults_to_pop_batch() -> None:
+    """A head in flight, or a table outside memory: nothing consumed, pop raises."""
+    d = FakeDriver(8)
+    q = d.queue(indirect=True)
+    d.write_desc(0, 0x7FFF0000, 48, I)
+    d.put_avail(0)
+    assert q.pop_simple(8, 16, 1) == [] and q.last_avail_idx == 0
+    with pytest.raises(E.DescriptorOutsideMemory):
+        q.pop()
+    assert q.last_avail_idx == 1

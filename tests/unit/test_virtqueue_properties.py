@@ -25,6 +25,7 @@ fast.  ``VEXPORT_HYPOTHESIS_EXAMPLES=N`` overrides both.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from hypothesis.strategies import DrawFn
 from vexport.virtio.blk import (
     OUTHDR,
     SECTOR_SIZE,
+    SIMPLE_SHAPE,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -43,7 +45,7 @@ from vexport.virtio.blk import (
     BlkRequestError,
     VirtioBlk,
 )
-from vexport.virtio.errors import VirtqueueError
+from vexport.virtio.errors import GuestMemoryError, VirtqueueError
 from vexport.virtio.memory import PERM_READ, PERM_RW, PERM_WRITE, RegionMemory
 from vexport.virtio.virtqueue import (
     DESC,
@@ -610,3 +612,164 @@ def test_fast_walk_matches_the_general_walk(
     assert fast == _walk_outcome(q, world, general=True)
     if isinstance(fast, tuple):
         event("chain")
+
+
+# -- pop_simple + parse_simple (the export's fast path) against pop_batch + parse --------
+
+BIG_BASE = 0x20000  # a read-write region large enough for whole sectors of data
+BIG_LEN = 0x3000
+
+
+def _big_world() -> World:
+    world = World()
+    buf = bytearray(BIG_LEN)
+    world.memory.add_region(BIG_BASE, buf, PERM_RW)
+    world.buffers["big"] = buf
+    world.perm[id(buf)] = PERM_RW
+    world.span[id(buf)] = (_address(buf), BIG_LEN)
+    return world
+
+
+def _where(world: World, view: memoryview) -> tuple[str, int, int, bool]:
+    """A view as (region, offset, length, read-only): comparable across worlds."""
+    for name, buf in world.buffers.items():
+        start, length = world.span[id(buf)]
+        addr = _address(view)
+        if start <= addr < start + length:
+            return (name, addr - start, view.nbytes, view.readonly)
+    raise AssertionError("view outside every region")
+
+
+def _request_outcome(world: World, req: BlkRequest) -> object:
+    return (
+        req.head,
+        req.type,
+        req.sector,
+        req.status,
+        req.offset,
+        req.length,
+        req.data_len,
+        [_where(world, v) for v in req.iov],
+        _where(world, req.status_view),
+    )
+
+
+def _serve_one(world: World, q: SplitQueue, dev: VirtioBlk, simple: bool) -> object:
+    """Take one avail entry the way the export does (fast path first, or the general
+    path only) and describe what came out: the request, or the error."""
+    if simple:
+        got = q.pop_simple(4, *SIMPLE_SHAPE)
+        if got:
+            assert len(got) == 1
+            return ("req", _request_outcome(world, dev.parse_simple(got[0])))
+    try:
+        chains = q.pop_batch(1)
+    except VirtqueueError as err:
+        return ("error", type(err), err.head)
+    if not chains:
+        return ("empty",)
+    try:
+        return ("req", _request_outcome(world, dev.parse(chains[0])))
+    except BlkRequestError as err:
+        return ("blk-error", err.head)
+
+
+_SIMPLE_PLACES = (("big", BIG_BASE, BIG_LEN),) * 4 + tuple(
+    (name, base, size) for name, base, size, _perm in REGIONS if name != "ring"
+)
+
+
+@st.composite
+def simple_tables(draw: DrawFn) -> tuple[bytes, int]:
+    """A three-entry indirect table that is mostly the virtio_blk shape over the big
+    region (16-byte header, whole sectors of data, 1-byte status), each field
+    sometimes perturbed; and where the header lies."""
+    entries = []
+    header = 0
+    common = draw(st.sampled_from(_SIMPLE_PLACES))
+    for i, (flags, nxt, lengths) in enumerate(
+        (
+            (VRING_DESC_F_NEXT, 1, (16,) * 6 + (8, 24, 0)),
+            (
+                draw(st.sampled_from((VRING_DESC_F_NEXT, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE))),
+                2,
+                (512, 1024, 4096, 2048, 512, 1024, 4096, 2048, 100, 0, 0xFFFFFFFF),
+            ),
+            (VRING_DESC_F_WRITE, 0, (1,) * 6 + (2, 0)),
+        )
+    ):
+        if draw(st.integers(0, 7)) == 0:
+            flags = draw(st.sampled_from((0, 1, 2, 3, 4, 7, 0xFFFF)))
+        if draw(st.integers(0, 7)) == 0:
+            nxt = draw(st.integers(0, 4))
+        _name, base, size = common
+        if draw(st.integers(0, 7)) == 0:
+            _name, base, size = draw(st.sampled_from(_SIMPLE_PLACES))
+        length = draw(st.sampled_from(lengths))
+        off = draw(st.integers(0, size))
+        if draw(st.integers(0, 11)):
+            off = min(off, max(0, size - length))  # mostly inside the region
+        addr = (base + off) % (1 << 64)
+        if i == 0:
+            header = addr
+        entries.append(DESC.pack(addr, length, flags, nxt))
+    return b"".join(entries), header
+
+
+@PROPERTY
+@given(
+    simple_tables(),
+    st.sampled_from((48,) * 6 + (32,)),
+    st.sampled_from((VRING_DESC_F_INDIRECT,) * 8 + (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 0)),
+    st.sampled_from((0, 1, 0, 1, 4, 8, 11, 0x80000000, 0x80000001, 0xFF)),  # type (+BARRIER)
+    st.integers(0, 40),
+    st.sampled_from((16, 32)),  # capacity in sectors
+    st.sampled_from((512, 4096)),
+    st.booleans(),
+    st.sampled_from((0, 1, 2, 3) * 3 + (4,)),  # head (4: out of range)
+    st.integers(0, 15),  # 0: the head is already in flight
+    st.sampled_from(("big",) * 6 + ("pool", "ro")),  # where the table lies
+)
+def test_simple_path_matches_pop_batch_and_parse(
+    table: tuple[bytes, int],
+    length: int,
+    flags: int,
+    type_: int,
+    sector: int,
+    capacity_sectors: int,
+    lbs: int,
+    writable: bool,
+    head: int,
+    busy: int,
+    table_place: str,
+) -> None:
+    """For any head descriptor, table, header and disk, the export's fast path
+    (`pop_simple` then `parse_simple`, falling back to one `pop_batch` entry) gives the
+    same request, or the same error, as `pop_batch` and `parse`, and leaves the queue
+    in the same state."""
+    data, header = table
+    outcomes = []
+    states = []
+    for simple in (True, False):
+        world = _big_world()
+        table_addr = {"big": BIG_BASE + BIG_LEN - 64, "pool": POOL_BASE, "ro": RO_BASE}[table_place]
+        world.write(table_addr, data)
+        with contextlib.suppress(GuestMemoryError):
+            world.write(header, OUTHDR.pack(type_, 0, sector))
+        q = SplitQueue(world.memory, 4, RING_BASE, RING_BASE + 64, RING_BASE + 128, indirect=True)
+        world.write(RING_BASE + 16 * (head % 4), DESC.pack(table_addr, length, flags, 0))
+        world.write(RING_BASE + 64 + 4, U16.pack(head))
+        world.write(RING_BASE + 64 + 2, U16.pack(1))
+        if busy == 0 and head < 4:
+            q._inflight[head] = 1
+            q._inflight_count = 1
+        dev = VirtioBlk(capacity_sectors * SECTOR_SIZE, lbs, serial="s", writable=writable)
+        outcomes.append(_serve_one(world, q, dev, simple))
+        states.append((q.last_avail_idx, q.inflight_heads(), q.inflight_count, q.error_pending))
+    assert outcomes[0] == outcomes[1]
+    assert states[0] == states[1]
+    kind = outcomes[0][0]
+    if kind == "req":
+        status = outcomes[0][1][3]  # type: ignore[index]
+        kind = f"req status {status}"
+    event(kind if kind != "error" else f"error {outcomes[0][1].__name__}")  # type: ignore[union-attr]

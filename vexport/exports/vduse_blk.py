@@ -196,15 +196,35 @@ class VduseBlkExport(BlockExport):
             return
         node = self.node
         parse = self.blk.parse
+        parse_simple = self.blk.parse_simple
         execute = self.blk.execute
         done = self._done
         generation = queue.generation
+        user = (queue, generation)
         qlog = queue.log
+        popped = qlog.popped if qlog is not None else None
+        first_len, last_len = blk.SIMPLE_SHAPE
+        batch = self.BATCH
         node.plug()
         try:
             while True:
+                # The common shape, decoded in place (pop_simple), until the ring is
+                # empty or an entry of another shape (or a fault) comes up; then
+                # pop_batch takes one entry: that one, judged by the general path, or
+                # nothing when the ring is empty (it re-arms kicks).
+                simple = vq.pop_simple(batch, first_len, last_len)
+                if simple:
+                    for sc in simple:
+                        if popped is not None:
+                            popped(sc[0])
+                        req = parse_simple(sc)
+                        req.user = user
+                        self._inflight += 1
+                        execute(req, node, done)
+                    if len(simple) == batch:
+                        continue
                 try:
-                    chains = vq.pop_batch(self.BATCH)
+                    chains = vq.pop_batch(1)
                 except VirtqueueError as err:
                     if err.head is None:
                         if isinstance(err, AvailIndexRunAhead):
@@ -214,30 +234,24 @@ class VduseBlkExport(BlockExport):
                         log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                         continue
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
-                    if qlog is not None:
-                        qlog.popped(err.head)
+                    if popped is not None:
+                        popped(err.head)
                     self._fail_malformed(queue, generation, err.head)
                     continue
                 if not chains:
-                    break
-                if qlog is not None:
-                    for chain in chains:
-                        qlog.popped(chain.head)
-                # Fewer than asked: pop_batch found the ring empty (kicks re-armed), or
-                # met an error it raises on the next call.
-                more = len(chains) == self.BATCH or vq.error_pending
-                for chain in chains:
-                    try:
-                        req = parse(chain)
-                    except BlkRequestError as err:
-                        log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
-                        self._fail_malformed(queue, generation, chain.head)
-                        continue
-                    req.user = (queue, generation)
-                    self._inflight += 1
-                    execute(req, node, done)
-                if not more:
-                    break
+                    break  # empty, kicks re-armed
+                chain = chains[0]
+                if popped is not None:
+                    popped(chain.head)
+                try:
+                    req = parse(chain)
+                except BlkRequestError as err:
+                    log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
+                    self._fail_malformed(queue, generation, chain.head)
+                    continue
+                req.user = user
+                self._inflight += 1
+                execute(req, node, done)
         finally:
             node.unplug()
 

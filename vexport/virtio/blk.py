@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from vexport.virtio.virtqueue import DescriptorChain
+from vexport.virtio.virtqueue import DescriptorChain, SimpleChain, simple_to_chain
 
 # Request types, status values, flags (linux/virtio_blk.h).
 VIRTIO_BLK_T_IN = 0
@@ -258,6 +258,11 @@ def _split_header(chain: DescriptorChain) -> tuple[bytes | memoryview, list[memo
     return bytes(header), rest
 
 
+# The chain shape Linux's virtio_blk gives reads and writes: a 16-byte header, the data,
+# a 1-byte status (the lengths of the first and last buffer for SplitQueue.pop_simple).
+SIMPLE_SHAPE = (OUTHDR.size, 1)
+
+
 class VirtioBlk:
     """Per-export virtio-blk state: capacity, block size, serial, writability."""
 
@@ -333,6 +338,31 @@ class VirtioBlk:
         else:
             req.status = VIRTIO_BLK_S_UNSUPP
         return req
+
+    def parse_simple(self, chain: SimpleChain) -> BlkRequest:
+        """`parse` for a chain of the common shape (``SplitQueue.pop_simple(n,
+        *SIMPLE_SHAPE)``): a read or write of a valid range is decoded in place; any
+        other request goes through `parse`, with the same result."""
+        head, view, first, data, data_len, data_written, last = chain
+        type_, _ioprio, sector = OUTHDR.unpack_from(view, first)
+        kind = type_ & ~VIRTIO_BLK_T_BARRIER
+        wanted = VIRTIO_BLK_T_IN if data_written else VIRTIO_BLK_T_OUT
+        if (
+            kind == wanted
+            and (data_written or self.writable)
+            and not data_len & (SECTOR_SIZE - 1)
+            and not (sector << SECTOR_BITS) % self.logical_block_size
+            and sector <= self.capacity_sectors
+            and data_len >> SECTOR_BITS <= self.capacity_sectors - sector
+        ):
+            req = BlkRequest(head, kind, sector, view[last : last + 1])
+            req.iov = [view[data : data + data_len]]
+            req.offset = sector << SECTOR_BITS
+            req.length = data_len
+            if data_written:
+                req.data_len = data_len
+            return req
+        return self.parse(simple_to_chain(chain, *SIMPLE_SHAPE))
 
     def _parse_segment(
         self, req: BlkRequest, kind: int, data: list[memoryview], size: int

@@ -17,7 +17,9 @@ The protocol has two entry points:
     general path: a list of memoryviews covering the range, one per region crossed
     (a buffer may straddle two adjacent regions), or ``GuestMemoryError``.
 
-`RegionMemory` implements both over a sorted list of regions.  A ``fault`` callback
+`RegionMemory` implements both over a sorted list of regions, and ``region_at(iova)``,
+which the virtqueue's fast path (`SplitQueue.pop_simple`) uses to read descriptors in
+place, by offset, without making a view per buffer.  A ``fault`` callback
 may add regions on a miss: the VDUSE export uses it to call IOTLB_GET_FD and mmap the
 region lazily; an UPDATE_IOTLB message maps to `remove_range`.  Memoryviews handed
 out keep the underlying buffer exported, so an mmap cannot be closed while a request
@@ -127,6 +129,10 @@ class RegionMemory:
             if pos >= 0 and iova < self._regions[pos].end:
                 return self._regions[pos]
         return None
+
+    def region_at(self, iova: int) -> Region | None:
+        """The region holding ``iova`` (faulting it in), or None."""
+        return self._find(iova)
 
     def view(self, iova: int, length: int, write: bool) -> memoryview | None:
         region = self._last
