@@ -163,14 +163,25 @@ class Device:
         parse_simple = self.vblk.parse_simple
         first_len, last_len = blk.SIMPLE_SHAPE
         backend, done, batch = self.backend, self._done, self.batch
+        preadv, pwritev = backend.preadv, backend.pwritev  # type: ignore[attr-defined]
         plug = getattr(backend, "plug", None)
         if plug is not None:
             plug()
         while True:
             simple = vq.pop_simple(batch, first_len, last_len)
+            self.inflight += len(simple)
             for sc in simple:
                 req = parse_simple(sc)
-                self.inflight += 1
+                if req.status is None:
+                    kind = req.type
+                    if kind == blk.VIRTIO_BLK_T_IN:
+                        req.done = done  # type: ignore[assignment]
+                        preadv(req.offset, req.iov, req)
+                        continue
+                    if kind == blk.VIRTIO_BLK_T_OUT:
+                        req.done = done  # type: ignore[assignment]
+                        pwritev(req.offset, req.iov, req)
+                        continue
                 execute(req, backend, done)  # type: ignore[arg-type]
             if len(simple) == batch:
                 continue

@@ -33,11 +33,16 @@ KINDS = ["threads", "native", "io_uring"]
 BATCHING_KINDS = ["native", "io_uring"]
 
 
-@pytest.fixture(params=[*KINDS, "native-getevents"])
-async def engine(request: pytest.FixtureRequest) -> AsyncIterator[IOEngine]:
-    """Every engine; "native-getevents" is Linux AIO reading completions with
+@pytest.fixture(params=[*KINDS, "threads-pool", "native-getevents"])
+async def engine(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[IOEngine]:
+    """Every engine; "threads-pool" is aio=threads on the Python thread pool (where
+    io_uring is missing), "native-getevents" is Linux AIO reading completions with
     io_getevents (its fallback) instead of the user-space ring."""
     kind = request.param.split("-")[0]
+    if request.param == "threads-pool":
+        monkeypatch.setenv("VEXPORT_THREADS", "pool")
     try:
         eng = get_engine(kind)
     except OSError as e:  # pragma: no cover - only on hosts without the interface
@@ -80,6 +85,63 @@ async def test_native_completions_done_at_submission_stay_in_the_batch(tmp_path:
     finally:
         eng.close()
         os.close(fd)
+
+
+async def test_io_uring_completions_done_at_submission_stay_in_the_batch(
+    tmp_path: Path,
+) -> None:
+    """Reads served from the page cache complete inside io_uring_enter: the engine reads
+    the CQ ring right after submitting and delivers them before the batch closes, and
+    the eventfd signal they left is consumed without a second delivery."""
+    from vexport.io import completions
+
+    loop = asyncio.get_running_loop()
+    eng = IoUringEngine(loop, depth=8)
+    fd = _open(tmp_path / "c", os.O_RDWR)
+    os.pwrite(fd, b"\x07" * 3 * 4096, 0)  # in the page cache now
+    bufs = [bytearray(4096) for _ in range(3)]
+    got: list[int] = []
+    try:
+        completions.begin()
+        try:
+            eng.plug()
+            for i, buf in enumerate(bufs):
+                eng.preadv(fd, i * 4096, [memoryview(buf)], got.append)
+            assert got == []  # never inside the submitting call
+            eng.unplug()
+            assert got == [4096] * 3
+        finally:
+            completions.end()
+        await asyncio.sleep(0.05)
+        assert got == [4096] * 3
+        assert eng._submitted == 0 and len(eng._free) == 8
+        assert all(bytes(b) == b"\x07" * 4096 for b in bufs)
+    finally:
+        eng.close()
+        os.close(fd)
+
+
+async def test_threads_engine_is_io_uring_unless_unavailable_or_pool_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aio=threads runs on io_uring (the kernel's io-wq threads) where it can; a kernel
+    without it, or VEXPORT_THREADS=pool, gets the thread pool."""
+    import vexport.io.io_uring as io_uring_module
+
+    loop = asyncio.get_running_loop()
+    assert isinstance(get_engine("threads"), IoUringEngine)
+    close_engines(loop)
+    monkeypatch.setenv("VEXPORT_THREADS", "pool")
+    assert isinstance(get_engine("threads"), ThreadPoolEngine)
+    close_engines(loop)
+    monkeypatch.delenv("VEXPORT_THREADS")
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EPERM, "io_uring_setup failed: Operation not permitted")
+
+    monkeypatch.setattr(io_uring_module.IoUringEngine, "__init__", refuse)
+    assert isinstance(get_engine("threads"), ThreadPoolEngine)
+    close_engines(loop)
 
 
 def _pattern(seed: int, n: int) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from vexport.blockdev.node import BlockNode, Done
+from vexport.io import completions
 
 DEFAULT_SIZE = 1 << 30
 
@@ -33,7 +34,7 @@ class NullNode(BlockNode):
         if self.latency:
             self.loop.call_later(self.latency, done, 0)
         else:
-            self.complete_later(done, 0)
+            completions.defer(self._loop or self.loop, done, 0)
 
     def _preadv(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
         if self.read_zeroes:

@@ -41,6 +41,10 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vexport.virtio.virtqueue import SimpleChain
 
 MAGIC = b"VXINFLT1"
 VERSION = 1
@@ -93,6 +97,16 @@ class QueueLog:
         seq = self.next_seq
         self.heads[head] = seq
         self.next_seq = seq + 1
+
+    def popped_simple(self, chains: list[SimpleChain]) -> None:
+        """Hot path: the heads of ``chains`` (`SplitQueue.pop_simple`) were taken, in
+        this order."""
+        heads = self.heads
+        seq = self.next_seq
+        for chain in chains:
+            heads[chain[0]] = seq
+            seq += 1
+        self.next_seq = seq
 
     def completed_batch(self, done: list[tuple[int, int]], used_idx: int) -> None:
         """Hot path: the ``(head, used_len)`` pairs were pushed; used->idx is now used_idx."""

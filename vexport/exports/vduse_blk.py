@@ -205,6 +205,8 @@ class VduseBlkExport(BlockExport):
         popped = qlog.popped if qlog is not None else None
         first_len, last_len = blk.SIMPLE_SHAPE
         batch = self.BATCH
+        preadv = node.preadv
+        pwritev = node.pwritev
         node.plug()
         try:
             while True:
@@ -214,12 +216,24 @@ class VduseBlkExport(BlockExport):
                 # nothing when the ring is empty (it re-arms kicks).
                 simple = vq.pop_simple(batch, first_len, last_len)
                 if simple:
+                    if qlog is not None:
+                        qlog.popped_simple(simple)
+                    # Counted first: a request refused at parse time completes (and
+                    # is counted down) inside execute.
+                    self._inflight += len(simple)
                     for sc in simple:
-                        if popped is not None:
-                            popped(sc[0])
                         req = parse_simple(sc)
                         req.user = user
-                        self._inflight += 1
+                        if req.status is None:
+                            kind = req.type
+                            if kind == blk.VIRTIO_BLK_T_IN:
+                                req.done = done
+                                preadv(req.offset, req.iov, req)
+                                continue
+                            if kind == blk.VIRTIO_BLK_T_OUT:
+                                req.done = done
+                                pwritev(req.offset, req.iov, req)
+                                continue
                         execute(req, node, done)
                     if len(simple) == batch:
                         continue
@@ -271,7 +285,12 @@ class VduseBlkExport(BlockExport):
     def _done(self, req: BlkRequest, used_len: int) -> None:
         queue, generation = req.user
         req.iov = []  # drop views into the mapped memory
-        queue.complete(generation, req.head, used_len)
+        # queue.complete, inlined (once per request)
+        if generation == queue.generation and queue.vq is not None:
+            completed = queue.completed
+            completed.append((req.head, used_len))
+            if len(completed) == 1:  # the first of the batch: have the batch flushed
+                queue.device.schedule_notify(queue)
         self._inflight -= 1
         if self._inflight == 0:
             if self.device is not None:

@@ -19,12 +19,17 @@ queue engines raise BufferError at submission otherwise, the thread engine compl
 -EFAULT.  With O_DIRECT, alignment is the caller's responsibility (-EINVAL otherwise).
 
 ``get_engine(kind)`` returns the engine of that kind for the running loop, creating it on
-first use (OSError if the kernel interface is unavailable).
+first use (OSError if the kernel interface is unavailable).  ``threads`` is an io_uring
+engine where io_uring is available (the kernel's io-wq threads run what would block),
+else the Python thread pool (`ThreadPoolEngine`); ``VEXPORT_THREADS=pool`` forces the
+pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -40,6 +45,8 @@ __all__ = [
     "close_engines",
     "get_engine",
 ]
+
+log = logging.getLogger("vexport.io")
 
 Done = Callable[[int], object]
 ENGINE_KINDS = ("threads", "native", "io_uring")
@@ -65,6 +72,18 @@ _engines: dict[tuple[asyncio.AbstractEventLoop, str], IOEngine] = {}
 
 def _create(kind: str, loop: asyncio.AbstractEventLoop) -> IOEngine:
     if kind == "threads":
+        # aio=threads promises blocking system calls done off the loop, on any file.
+        # io_uring keeps that promise with the kernel's own worker threads (io-wq), for
+        # only what would block, and without the GIL hand-offs our pool costs per
+        # request; where io_uring is unavailable (an old kernel, io_uring_disabled, a
+        # seccomp filter) the pool does it.  VEXPORT_THREADS=pool: always the pool.
+        if os.environ.get("VEXPORT_THREADS", "io_uring") != "pool":
+            from vexport.io.io_uring import IoUringEngine
+
+            try:
+                return IoUringEngine(loop)
+            except OSError as e:
+                log.info("aio=threads: io_uring is not available (%s), using a thread pool", e)
         from vexport.io.threads import ThreadPoolEngine
 
         return ThreadPoolEngine(loop)

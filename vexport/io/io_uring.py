@@ -13,7 +13,9 @@ Theory of operation (ring layout and memory ordering: see vexport.kernel.io_urin
 * In-flight requests are limited to the number of slots (= SQ entries <= CQ entries), so
   neither the SQ ring nor the CQ ring can overflow.
 * On an eventfd wakeup every CQE between our head and the kernel's tail is taken, the
-  head published, then the callbacks run.
+  head published, then the callbacks run.  The CQ ring is also read right after each
+  ``io_uring_enter`` (requests served from the page cache complete inside the call) and
+  whenever a device polls (`completions.poll`), as the Linux AIO engine does.
 
 Discard/zeroout ioctls on block devices go to a thread pool.
 """
@@ -25,6 +27,7 @@ import errno
 import os
 from typing import Any
 
+from vexport.io import completions
 from vexport.io.slots import OP_FALLOCATE, OP_READ, OP_SYNC, SlotEngine
 from vexport.kernel import io_uring as kur
 
@@ -68,6 +71,7 @@ class IoUringEngine(SlotEngine):
         self._iovecs: list[Any] = [None] * ring.sq_entries
         self._submitted = 0  # requests handed to the kernel and not completed
         loop.add_reader(self._efd, self._on_eventfd)
+        completions.add_poller(self._poll_cq)
 
     def _release(self) -> None:
         if self._ring is not None:
@@ -139,12 +143,10 @@ class IoUringEngine(SlotEngine):
         self._submitted += k
         if k < to_submit and not self._submitted:
             self._loop.call_later(0.001, self._flush)
+        self._poll_cq()
 
-    def _on_eventfd(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
+    def _reap(self) -> list[tuple[int, int]]:
+        """Take every CQE between our head and the kernel's tail; publish the head."""
         head = self._head
         cqes = self._cqes
         mask = self._cq_mask
@@ -159,9 +161,34 @@ class IoUringEngine(SlotEngine):
                 head = (head + 1) & _MASK32
             self._cq_head[0] = head  # after the CQE loads: release on x86-64
         self._head = head
+        return batch
+
+    def _on_eventfd(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        batch = self._reap()
         if batch:
             self._submitted -= len(batch)
-            self._complete(batch)
+            self._deliver(batch)
+
+    def _poll_cq(self) -> bool:
+        """Deliver the completions already in the CQ ring (right after a submission:
+        page-cache hits complete inside io_uring_enter; or when a device polls:
+        `completions.poll`); True if there were any.  The eventfd is cleared first, so
+        the loop does not wake up for them again (a CQE whose signal that read consumed
+        is in the ring by then: none is lost)."""
+        if self._completing or not self._submitted or self._cq_ktail[0] == self._head:
+            return False
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        batch = self._reap()
+        self._submitted -= len(batch)
+        self._deliver(batch)
+        return True
 
     def close(self) -> None:
         """Wait for requests in flight (their callbacks are dropped), unmap, close."""
@@ -169,6 +196,7 @@ class IoUringEngine(SlotEngine):
             return
         self._close_helper()
         self._loop.remove_reader(self._efd)
+        completions.remove_poller(self._poll_cq)
         while self._submitted > 0:
             self._enter.wait(self._submitted)
             tail = self._cq_ktail[0]

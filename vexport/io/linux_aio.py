@@ -69,7 +69,6 @@ class LinuxAioEngine(SlotEngine):
         self._events = _ffi.new("struct io_event[]", depth)
         self._iovecs: list[Any] = [None] * depth
         self._pending: list[int] = []
-        self._completing = False
         try:
             self._ring: kaio.CompletionRing | None = kaio.CompletionRing(self._ctx)
         except ValueError:
@@ -156,13 +155,6 @@ class LinuxAioEngine(SlotEngine):
                 batch.append((ev.data, ev.res))
             if n < depth:
                 break
-
-    def _deliver(self, batch: list[tuple[int, int]]) -> None:
-        self._completing = True
-        try:
-            self._complete(batch)
-        finally:
-            self._completing = False
 
     def _on_eventfd(self) -> None:
         try:

@@ -182,6 +182,17 @@ class SlotEngine:
         if entry is not None:
             self._loop.call_soon(entry[0], ret)
 
+    _completing = False  # inside _deliver: a poll or submission meanwhile does not reap
+
+    def _deliver(self, events: list[tuple[int, int]]) -> None:
+        """Run the completions of ``events``; while they run, the engine's own ring
+        polls (after a submission, or `completions.poll`) do not deliver nested."""
+        self._completing = True
+        try:
+            self._complete(events)
+        finally:
+            self._completing = False
+
     def _complete(self, events: list[tuple[int, int]]) -> None:
         """Dispatch ``(slot, result)`` pairs, resubmitting partial transfers."""
         inflight = self._inflight

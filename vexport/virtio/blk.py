@@ -216,11 +216,16 @@ class BlkRequest:
         self.user: Any = None  # free for the export (e.g. its queue)
 
     def __call__(self, ret: int) -> None:
-        """Backend completion: ``ret >= 0`` success, ``-errno`` failure."""
-        if ret >= 0:
-            self.complete(VIRTIO_BLK_S_OK, self.data_len + 1)
-        else:
-            self.complete(VIRTIO_BLK_S_IOERR, self.data_len + 1)
+        """Backend completion: ``ret >= 0`` success, ``-errno`` failure (`complete`,
+        inlined: this runs once per request)."""
+        status = VIRTIO_BLK_S_OK if ret >= 0 else VIRTIO_BLK_S_IOERR
+        used_len = self.data_len + 1
+        self.status = status
+        self.used_len = used_len
+        self.status_view[0] = status
+        done = self.done
+        if done is not None:
+            done(self, used_len)
 
     def complete(self, status: int, used_len: int = 1) -> None:
         self.status = status
