@@ -112,6 +112,9 @@ def _report(e: Exception) -> None:
 
 def deliver(batch: list[tuple[Done, int]]) -> None:
     """Run ``done(ret)`` for every pair, as one batch."""
+    if _depth:  # inside a batch already: it closes later
+        _call_each(batch)
+        return
     begin()
     try:
         _call_each(batch)

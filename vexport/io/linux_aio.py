@@ -111,6 +111,8 @@ class LinuxAioEngine(SlotEngine):
 
     def _submit(self) -> None:
         pending = self._pending
+        if not pending:
+            return  # nothing submitted: nothing new to look for in the ring either
         while pending:
             n = len(pending)
             ptrs = self._ptrs
