@@ -4,8 +4,8 @@ The worker protocol and the device side run against the real kernel only (a fork
 worker's ioctls would go to a copy of the fake kernel): tests/guest covers them with
 two-queue exports (random verified I/O on both queues, IOTLB remaps, resets with requests
 in flight, kill -9 with requests in flight, block_resize).  Here: that a worker dies with
-the daemon, and that block nodes serve requests in a forked worker with their own I/O
-engine while the daemon's keeps working.
+the daemon and lets go of the daemon's sockets, and that block nodes serve requests in a
+forked worker with their own I/O engine while the daemon's keeps working.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import mmap
 import os
 import select
 import signal
+import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +128,51 @@ def test_worker_leaves_sigterm_to_the_daemon() -> None:
         os.close(r)
         _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_worker_lets_go_of_the_daemons_sockets() -> None:
+    """A worker keeps only its own socket: a QMP client the daemon disconnects sees EOF
+    at once, not when the workers exit; a listening socket is not held either."""
+    client, daemon_side = socket.socketpair()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(b"\0vexport-test-%d" % os.getpid())
+    listener.listen(1)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            mine.close()
+            loop = queue_worker.become_worker_process(os.getppid(), keep=theirs.fileno())
+            sockets = [int(n) for n in os.listdir("/proc/self/fd") if _is_socket(int(n))]
+            theirs.send(b"still mine")
+            os.write(w, b"%d %r;" % (loop is not None, sockets == [theirs.fileno()]))
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(w)
+    theirs.close()
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready and os.read(r, 64) == b"1 True;"
+        assert mine.recv(64) == b"still mine"
+        daemon_side.close()  # the daemon drops the client
+        client.settimeout(10)
+        assert client.recv(1) == b""  # EOF while the worker still runs
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        for sock in (client, listener, mine):
+            sock.close()
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def test_worker_started_after_the_daemon_died_exits() -> None:

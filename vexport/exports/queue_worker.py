@@ -46,6 +46,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -139,7 +140,7 @@ def _worker_main(
     sock: socket.socket,
     parent_pid: int,
 ) -> None:
-    loop = become_worker_process(parent_pid)
+    loop = become_worker_process(parent_pid, keep=sock.fileno())
     if loop is None:
         return
     with contextlib.suppress(OSError):
@@ -153,14 +154,16 @@ def _worker_main(
         sock.close()
 
 
-def become_worker_process(parent_pid: int) -> asyncio.AbstractEventLoop | None:
-    """In a process just forked from the daemon's event loop: die with the daemon, leave
-    the daemon's signal handling, loop, completion hooks and I/O engines alone, and
-    return a new event loop of the daemon's kind (None: the daemon is already gone).
-    The caller then calls ``after_fork`` on the objects it keeps (block nodes)."""
+def become_worker_process(parent_pid: int, keep: int = -1) -> asyncio.AbstractEventLoop | None:
+    """In a process just forked from the daemon's event loop: die with the daemon, let
+    go of the daemon's sockets but ``keep``, leave the daemon's signal handling, loop,
+    completion hooks and I/O engines alone, and return a new event loop of the daemon's
+    kind (None: the daemon is already gone).  The caller then calls ``after_fork`` on
+    the objects it keeps (block nodes)."""
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:
         return None  # the daemon died before the death signal was armed
+    drop_inherited_sockets(keep)
     # The daemon's signal handlers and its loop's wake-up fd are not ours.  SIGTERM, ^C
     # and SIGHUP are the daemon's to act on: it stops its workers itself (draining them
     # first), and a worker dies with it anyway.  (systemd sends SIGTERM to every process
@@ -177,6 +180,33 @@ def become_worker_process(parent_pid: int) -> asyncio.AbstractEventLoop | None:
     loop = (loop_factory() or asyncio.new_event_loop)()
     asyncio.set_event_loop(loop)
     return loop
+
+
+def drop_inherited_sockets(keep: int) -> None:
+    """Let go of every socket inherited from the daemon but ``keep``: its QMP listeners
+    and client connections, and its ends of the other workers' socket pairs.  Otherwise
+    a client the daemon disconnects would not see EOF while a worker lives, nor would a
+    worker the daemon stops.  Each is replaced by /dev/null rather than closed: the
+    daemon's socket objects, copied into this process, still name the numbers, and a
+    number closed here could be reused by one of the worker's own files and then
+    closed by such an object's finaliser."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in names:
+            fd = int(name)
+            if fd < 3 or fd == keep or fd == null:
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd, inheritable=False)
+            except OSError:
+                continue  # the listing's own descriptor, closed by now
+    finally:
+        os.close(null)
 
 
 class _Worker:
