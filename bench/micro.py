@@ -24,6 +24,10 @@ Backends:
     a real ``null-co`` BlockNode from vexport.blockdev, whose completions are deferred to
     the end of the pass's completion batch, as in the export; the pass runs inside an
     asyncio loop and yields once per pass (as the export's event loop would).
+``native``, ``io_uring``, ``threads``
+    a real ``file`` BlockNode with that ``aio`` (native with ``cache.direct=on``) on a
+    sparse file in /dev/shm (or ``$VEXPORT_MICRO_FILE``): the I/O engine's Python path
+    and its system calls (tmpfs completes inside the submitting call).
 
 Requests per second are counted on CPU time (``time.process_time``) of the device side
 only; the driver's refill is excluded.  ``--profile`` runs the device side under
@@ -36,6 +40,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import struct
 import sys
@@ -53,6 +58,8 @@ from vexport.virtio.virtqueue import (
 )
 
 CAPACITY = 1 << 30
+FILE_BACKENDS = ("native", "io_uring", "threads")
+MICRO_FILE = os.environ.get("VEXPORT_MICRO_FILE", "/dev/shm/vexport-micro.img")
 BLOCK = 4096
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
@@ -204,10 +211,19 @@ def make(backend_kind: str, size: int, write: bool, batch: int) -> tuple[Ring, D
     vq = ring.drv.queue(event_idx=True, indirect=True, notify_on_empty=True)
     if backend_kind == "sync":
         backend: object = SyncNull()
-    else:
+    elif backend_kind == "node":
         from vexport.blockdev.null import NullNode
 
         backend = NullNode("null0", {"driver": "null-co", "size": CAPACITY})
+    else:  # "native", "io_uring", "threads": a file node on a sparse tmpfs file
+        from vexport.blockdev.file import FileNode
+
+        with open(MICRO_FILE, "wb") as f:
+            f.truncate(CAPACITY)
+        options = {"driver": "file", "filename": MICRO_FILE, "aio": backend_kind}
+        if backend_kind == "native":
+            options["cache"] = {"direct": True}
+        backend = FileNode("file0", options)
     return ring, Device(vq, backend, batch)
 
 
@@ -238,10 +254,15 @@ async def _run_node(ring: Ring, dev: Device, seconds: float) -> tuple[int, float
 
 def measure(backend_kind: str, args: argparse.Namespace) -> tuple[int, float, Device]:
     ring, dev = make(backend_kind, args.queue_size, args.rw == "write", args.batch)
-    if backend_kind == "sync":
-        n, cpu = run_sync(ring, dev, args.seconds)
-    else:
-        n, cpu = asyncio.run(_run_node(ring, dev, args.seconds))
+    try:
+        if backend_kind == "sync":
+            n, cpu = run_sync(ring, dev, args.seconds)
+        else:
+            n, cpu = asyncio.run(_run_node(ring, dev, args.seconds))
+    finally:
+        if os.path.exists(MICRO_FILE):
+            dev.backend.close()  # type: ignore[attr-defined]
+            os.unlink(MICRO_FILE)
     return n, cpu, dev
 
 
@@ -249,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--backend", choices=("sync", "node", "both"), default="both")
+    p.add_argument("--backend", choices=("sync", "node", "both", *FILE_BACKENDS), default="both")
     p.add_argument("--rw", choices=("read", "write"), default="read")
     p.add_argument("--seconds", type=float, default=2.0, help="CPU seconds per backend")
     p.add_argument("--queue-size", type=int, default=256)

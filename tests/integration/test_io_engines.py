@@ -25,6 +25,7 @@ from vexport.io import (
     get_engine,
 )
 from vexport.io.io_uring import IoUringEngine
+from vexport.io.iov import full_result
 from vexport.io.linux_aio import LinuxAioEngine
 from vexport.io.slots import OP_READ, OP_WRITE, SlotEngine
 from vexport.io.threads import ThreadPoolEngine, _transfer
@@ -259,6 +260,78 @@ async def test_queue_deeper_than_the_engine(tmp_path: Path) -> None:
     os.close(fd)
 
 
+async def test_transfer_moves_everything_or_fails(engine: IOEngine, tmp_path: Path) -> None:
+    """``transfer`` (the block layer's reads and writes, with the kernel queue engines'
+    one-buffer fast path): 0 once every byte moved; a read that meets end of file gets
+    zeroes for the rest (one buffer and a vector); errors come back as -errno."""
+    fd = _open(tmp_path / "t", os.O_RDWR)
+    try:
+        one = bytearray(_pattern(1, 6000))
+        assert await call(engine.transfer, OP_WRITE, fd, 0, [memoryview(one)], 6000) == 0
+        two = bytearray(_pattern(2, 4000))
+        assert await call(engine.transfer, OP_WRITE, fd, 6000, _split(two, [1000, 3000]), 4000) == 0
+        disk = bytes(one + two)
+        assert os.pread(fd, 20000, 0) == disk  # 10000 bytes
+        buf = bytearray(b"\xff" * 8192)
+        assert await call(engine.transfer, OP_READ, fd, 0, [memoryview(buf)], 8192) == 0
+        assert buf == disk[:8192]
+        buf[:] = b"\xff" * 8192
+        assert await call(engine.transfer, OP_READ, fd, 4096, [memoryview(buf)], 8192) == 0
+        assert buf == disk[4096:] + bytes(8192 - (10000 - 4096))
+        buf[:] = b"\xff" * 8192
+        got = await call(engine.transfer, OP_READ, fd, 8000, _split(buf, [1000, 7192]), 8192)
+        assert got == 0
+        assert buf == disk[8000:] + bytes(8192 - 2000)
+        buf[:] = b"\xff" * 8192
+        assert await call(engine.transfer, OP_READ, fd, 20000, [memoryview(buf)], 8192) == 0
+        assert buf == bytes(8192)
+    finally:
+        os.close(fd)
+    assert await call(engine.transfer, OP_READ, fd, 0, [memoryview(buf)], 8192) == -errno.EBADF
+    assert await call(engine.transfer, OP_WRITE, fd, 0, [memoryview(buf)], 8192) == -errno.EBADF
+
+
+async def test_transfer_o_direct_past_end_of_file(engine: IOEngine, tmp_path: Path) -> None:
+    path = tmp_path / "td"
+    path.write_bytes(_pattern(6, 6144))
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, 8192)
+    try:
+        buf[:] = b"\xff" * 8192
+        assert await call(engine.transfer, OP_READ, fd, 4096, [memoryview(buf)], 8192) == 0
+        assert buf[:] == _pattern(6, 6144)[4096:] + bytes(8192 - 2048)
+    finally:
+        os.close(fd)
+
+
+async def test_transfer_deeper_than_the_engine(tmp_path: Path) -> None:
+    """More transfers than slots: the fast path gives way to the queue, and the queued
+    ones complete all-or-nothing too; every slot comes back."""
+    loop = asyncio.get_running_loop()
+    fd = _open(tmp_path / "tq", os.O_RDWR)
+    for eng in (LinuxAioEngine(loop, depth=4), IoUringEngine(loop, depth=4)):
+        try:
+            n = 24
+            bufs = [bytearray(_pattern(i, 512)) for i in range(n)]
+            futs = [loop.create_future() for _ in range(n)]
+            for i in range(n):
+                eng.transfer(OP_WRITE, fd, i * 512, [memoryview(bufs[i])], 512, futs[i].set_result)
+            assert await asyncio.wait_for(asyncio.gather(*futs), 5) == [0] * n
+            back = [bytearray(b"\xff" * 1024) for _ in range(n)]
+            futs = [loop.create_future() for _ in range(n)]
+            for i in range(n):  # each read runs 512 bytes past the end for the last one
+                eng.transfer(OP_READ, fd, i * 512, [memoryview(back[i])], 1024, futs[i].set_result)
+            assert await asyncio.wait_for(asyncio.gather(*futs), 5) == [0] * n
+            assert [bytes(b) for b in back[:-1]] == [
+                bytes(bufs[i] + bufs[i + 1]) for i in range(n - 1)
+            ]
+            assert back[-1] == bufs[-1] + bytes(512)
+            assert sorted(eng._free) == list(range(eng._depth))
+        finally:
+            eng.close()
+    os.close(fd)
+
+
 async def test_fdatasync(engine: IOEngine, tmp_path: Path) -> None:
     fd = _open(tmp_path / "s", os.O_RDWR)
     r, w = os.pipe()
@@ -426,6 +499,9 @@ async def test_read_into_a_read_only_buffer_is_refused(tmp_path: Path) -> None:
             with pytest.raises(BufferError):
                 eng.preadv(fd, 0, [memoryview(b"immutable")], lambda _ret: None)
             assert len(eng._free) == 4
+            with pytest.raises(BufferError):  # the fast path gives the slot back too
+                eng.transfer(OP_READ, fd, 0, [memoryview(b"immutable")], 9, lambda _ret: None)
+            assert len(eng._free) == 4
         finally:
             eng.close()
     threads = ThreadPoolEngine(loop, workers=1)
@@ -509,6 +585,47 @@ async def test_slot_engine_resubmits_partial_transfers_and_reports_eof() -> None
     assert results == [50, 150, -errno.EIO]
     assert sorted(eng._free) == [0, 1]
     eng._close_helper()
+
+
+async def test_slot_engine_transfer_after_partial_transfers() -> None:
+    """``transfer`` through the queue (more than one buffer): a read continued after
+    partial transfers that then meets end of file zero-fills the rest and succeeds; a
+    write the file stops taking fails with ENOSPC; an error fails the request."""
+    eng = _FakeKernelEngine(asyncio.get_running_loop())
+    results: list[int] = []
+    buf = bytearray(b"\xff" * 300)
+    eng.transfer(OP_READ, 3, 1000, _split(buf, [100, 200]), 300, results.append)
+    eng.transfer(OP_WRITE, 3, 0, _split(bytearray(50), [20, 30]), 50, results.append)
+    await asyncio.sleep(0)
+    read_slot, write_slot = eng.submitted[0][0], eng.submitted[1][0]
+    eng.submitted.clear()
+    eng._complete([(read_slot, 120), (write_slot, 20)])
+    assert results == []
+    assert [s[1:] for s in eng.submitted] == [(OP_READ, 1120, 180), (OP_WRITE, 20, 30)]
+    eng._complete([(eng.submitted[0][0], 0), (eng.submitted[1][0], 0)])  # EOF, full disk
+    assert results == [0, -errno.ENOSPC]
+    assert buf == b"\xff" * 120 + bytes(180)  # the rest of the read is zeroes
+    eng.submitted.clear()
+    eng.transfer(OP_READ, 3, 0, _split(bytearray(10), [5, 5]), 10, results.append)
+    await asyncio.sleep(0)
+    eng._complete([(eng.submitted[0][0], 4)])
+    eng._complete([(eng.submitted[1][0], -errno.EIO)])
+    assert results == [0, -errno.ENOSPC, -errno.EIO]
+    assert sorted(eng._free) == [0, 1]
+    eng._close_helper()
+
+
+def test_full_result() -> None:
+    buf = bytearray(b"\xff" * 10)
+    assert full_result(OP_READ, _split(buf, [3, 7]), 10, 10) == 0
+    assert buf == b"\xff" * 10
+    assert full_result(OP_READ, _split(buf, [3, 7]), 10, 5) == 0
+    assert buf == b"\xff" * 5 + bytes(5)
+    assert full_result(OP_READ, _split(buf, [3, 7]), 10, 0) == 0
+    assert buf == bytes(10)
+    assert full_result(OP_WRITE, [memoryview(buf)], 10, 9) == -errno.ENOSPC
+    assert full_result(OP_WRITE, [memoryview(buf)], 10, 10) == 0
+    assert full_result(OP_READ, [memoryview(buf)], 10, -errno.EIO) == -errno.EIO
 
 
 def test_thread_engine_needs_a_loop() -> None:

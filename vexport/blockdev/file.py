@@ -36,6 +36,7 @@ from vexport.blockdev.locking import ImageLocks
 from vexport.blockdev.node import BlockNode, Done
 from vexport.errors import GenericError
 from vexport.io import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, get_engine
+from vexport.io.iov import OP_READ, OP_WRITE
 
 _ZERO_BUF_SIZE = 1 << 20
 _zero_buf: mmap.mmap | None = None
@@ -127,19 +128,13 @@ class FileNode(BlockNode):
         return engine
 
     # -- data path ------------------------------------------------------------------------
+    # A read past end of file (the file shrank) reads zeroes; a write the file takes only
+    # part of fails with ENOSPC (engine.transfer).
     def _preadv(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
-        def complete(ret: int) -> None:
-            if 0 <= ret < nbytes:
-                _zero_tail(iov, ret)
-            done(min(ret, 0))
-
-        self.engine.preadv(self.fd, offset, iov, complete)
+        self.engine.transfer(OP_READ, self.fd, offset, iov, nbytes, done)
 
     def _pwritev(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
-        def complete(ret: int) -> None:
-            done(-errno.ENOSPC if 0 <= ret < nbytes else min(ret, 0))
-
-        self.engine.pwritev(self.fd, offset, iov, complete)
+        self.engine.transfer(OP_WRITE, self.fd, offset, iov, nbytes, done)
 
     def _flush(self, done: Done) -> None:
         self.engine.fdatasync(self.fd, lambda ret: done(min(ret, 0)))
@@ -243,14 +238,3 @@ class HostDeviceNode(FileNode):
                 f"'host_device' driver requires '{self.path}' to be either a character "
                 "or block device"
             )
-
-
-def _zero_tail(iov: list[memoryview], done_bytes: int) -> None:
-    skip = done_bytes
-    for m in iov:
-        n = m.nbytes
-        if skip >= n:
-            skip -= n
-            continue
-        m[skip:] = bytes(n - skip)
-        skip = 0

@@ -4,12 +4,18 @@ Every engine offers::
 
     engine.preadv(fd, offset, iov, done)      # iov: list of byte memoryviews
     engine.pwritev(fd, offset, iov, done)
+    engine.transfer(op, fd, offset, iov, nbytes, done)  # OP_READ / OP_WRITE, all or nothing
     engine.fdatasync(fd, done)
     engine.fallocate(fd, mode, offset, length, done)   # FALLOC_FL_* below
     engine.blkdiscard(fd, offset, length, done)        # block devices
     engine.blkzeroout(fd, offset, length, done)        # block devices
     engine.plug(); engine.unplug()            # submit everything queued in between at once
     engine.close()
+
+``transfer`` is what the block layer uses: ``done(0)`` once all ``nbytes`` moved (a
+read that meets end of file zero-fills the rest), ``done(-ENOSPC)`` for a write the file
+took only part of, ``done(-errno)`` on error; the kernel queue engines serve one-buffer
+requests without an intermediate callback.
 
 ``done(ret)`` runs in the event loop thread, never inside the submitting call; ``ret``
 is the number of bytes transferred (0 for the other operations) or ``-errno``.  A read
@@ -58,6 +64,9 @@ class IOEngine(Protocol):
 
     def preadv(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None: ...
     def pwritev(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None: ...
+    def transfer(
+        self, op: int, fd: int, offset: int, iov: list[memoryview], nbytes: int, done: Done
+    ) -> None: ...
     def fdatasync(self, fd: int, done: Done) -> None: ...
     def fallocate(self, fd: int, mode: int, offset: int, length: int, done: Done) -> None: ...
     def blkdiscard(self, fd: int, offset: int, length: int, done: Done) -> None: ...

@@ -33,7 +33,8 @@ from vexport.kernel import io_uring as kur
 
 _ffi = kur.ffi
 _CHAR_ARRAY = _ffi.typeof("char[]")  # resolved once: from_buffer("char[]") parses the text
-_from_buffer = _ffi.from_buffer
+_from_buffer = getattr(getattr(_ffi, "_backend", None), "from_buffer", _ffi.from_buffer)
+_RW_OPCODES = (kur.IORING_OP_READ, kur.IORING_OP_WRITE)  # by OP_READ, OP_WRITE
 _MASK32 = 0xFFFFFFFF
 
 
@@ -57,6 +58,8 @@ class IoUringEngine(SlotEngine):
         super().__init__(loop, ring.sq_entries)
         self._enter = kur.Enter(self._ring_fd)
         self._sqes = ring.sqes
+        # One pointer per SQE, made once (indexing the array makes a new cdata each time).
+        self._sqe_ptrs = [ring.sqes + i for i in range(ring.sq_entries)]
         self._sq_mask = ring.sq_mask
         self._sq_head = ring.sq_head
         self._sq_ktail = ring.sq_tail
@@ -87,9 +90,37 @@ class IoUringEngine(SlotEngine):
     def fallocate(self, fd: int, mode: int, offset: int, length: int, done: Any) -> None:
         self._queue(OP_FALLOCATE, fd, offset, (mode, length), done, 0)
 
+    def transfer(
+        self, op: int, fd: int, offset: int, iov: list[memoryview], nbytes: int, done: Any
+    ) -> None:
+        free = self._free
+        if not free or len(iov) != 1 or self._waiting or self.closed:
+            self._queue(op, fd, offset, iov, done, 0, True)
+            return
+        # The fast path: one buffer, a free slot (what _queue and _prep would do).
+        slot = free.pop()
+        try:
+            keep = _from_buffer(_CHAR_ARRAY, iov[0], op == OP_READ)
+        except BaseException:
+            free.append(slot)
+            raise
+        tail = self._tail
+        sqe = self._sqe_ptrs[tail & self._sq_mask]
+        sqe.opcode = _RW_OPCODES[op]
+        sqe.fd = fd
+        sqe.off = offset
+        sqe.addr = keep
+        sqe.len = nbytes
+        sqe.rw_flags = 0
+        sqe.user_data = slot
+        self._tail = (tail + 1) & _MASK32
+        self._inflight[slot] = (done, op, fd, offset, iov, nbytes, 0, keep, True)
+        if not self._flush_scheduled and not self._plugged:
+            self._schedule_flush()
+
     def _prep(self, slot: int, op: int, fd: int, offset: int, arg: Any) -> tuple[int, Any]:
         tail = self._tail
-        sqe = self._sqes[tail & self._sq_mask]
+        sqe = self._sqe_ptrs[tail & self._sq_mask]
         sqe.fd = fd
         sqe.user_data = slot
         keep: Any = None

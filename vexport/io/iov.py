@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 def iov_length(iov: list[memoryview]) -> int:
     """Total number of bytes described by ``iov``."""
@@ -25,3 +27,34 @@ def iov_advance(iov: list[memoryview], n: int) -> list[memoryview]:
             n = 0
         out.append(m)
     return out
+
+
+# Directions of `transfer` (engine.transfer(op, fd, offset, iov, nbytes, done)).
+OP_READ = 0
+OP_WRITE = 1
+
+
+def iov_zero_from(iov: list[memoryview], n: int) -> None:
+    """Zero every byte of ``iov`` after the first ``n`` (a read that met end of file)."""
+    for m in iov:
+        ln = m.nbytes
+        if n >= ln:
+            n -= ln
+            continue
+        m[n:] = bytes(ln - n)
+        n = 0
+
+
+def full_result(op: int, iov: list[memoryview], nbytes: int, ret: int) -> int:
+    """What ``transfer`` reports for a transfer of ``nbytes`` that moved ``ret`` bytes
+    (or failed with ``ret`` = -errno): 0 when everything moved; a read that met end of
+    file zero-fills the rest of ``iov`` and succeeds; a write the file took only part of
+    fails with -ENOSPC."""
+    if ret < 0:
+        return ret
+    if ret >= nbytes:
+        return 0
+    if op == OP_READ:
+        iov_zero_from(iov, ret)
+        return 0
+    return -errno.ENOSPC

@@ -4,8 +4,8 @@ Theory of operation:
 
 * A fixed number of *slots* (the queue depth) is the unit of the in-flight table: slot
   ``i`` owns the kernel control block ``i`` (an iocb or an SQE's ``user_data``) and
-  ``self._inflight[i]`` holds ``(done, op, fd, offset, arg, expected, acc, keepalive)``
-  until the completion arrives.  ``keepalive`` holds the cffi views of the caller's
+  ``self._inflight[i]`` holds ``(done, op, fd, offset, arg, expected, acc, keepalive,
+  full)`` until the completion arrives.  ``keepalive`` holds the cffi views of the caller's
   buffers (and the iovec array), so the memory the kernel uses stays pinned.
 * A request is prepared into its slot at once and the slot queued for submission.  The
   batch is submitted by ``_flush``, which runs once per event loop iteration (scheduled by
@@ -16,7 +16,11 @@ Theory of operation:
   fires; callbacks therefore run in the loop thread, never inside a submission call.
 * Partial transfers: a read or write that moved fewer bytes than asked but more than zero
   is resubmitted for the remainder (buffered io_uring reads can legitimately do that).  A
-  transfer of 0 bytes means EOF: the request completes with the count so far.
+  transfer of 0 bytes means EOF: the request completes with the count so far, or for
+  ``transfer`` (``full``) as `iov.full_result` says.
+* ``transfer`` (the block layer's reads and writes) has a fast path in each subclass for
+  the common case, one buffer and a free slot: the control block is filled right there,
+  without `_queue` and `_prep`, and ``done`` gets 0 or -errno without a wrapper.
 * Operations the kernel queue cannot do are handed to a small ThreadPoolEngine.
 """
 
@@ -29,13 +33,13 @@ from collections.abc import Callable
 from typing import Any
 
 from vexport.io import completions
-from vexport.io.iov import iov_advance
+from vexport.io.iov import OP_READ, OP_WRITE, full_result, iov_advance
 from vexport.io.threads import ThreadPoolEngine
 
 Done = Callable[[int], object]
 
-OP_READ = 0
-OP_WRITE = 1
+__all__ = ["OP_FALLOCATE", "OP_READ", "OP_SYNC", "OP_WRITE", "SlotEngine"]
+
 OP_SYNC = 2
 OP_FALLOCATE = 3
 
@@ -82,7 +86,7 @@ class SlotEngine:
         self._depth = depth
         self._free = list(range(depth - 1, -1, -1))
         self._inflight: list[tuple[Any, ...] | None] = [None] * depth
-        self._waiting: deque[tuple[int, int, int, Any, Done, int]] = deque()
+        self._waiting: deque[tuple[int, int, int, Any, Done, int, bool]] = deque()
         self._plugged = 0
         self._flush_scheduled = False
         self._helper: ThreadPoolEngine | None = None
@@ -105,6 +109,13 @@ class SlotEngine:
 
     def pwritev(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None:
         self._queue(OP_WRITE, fd, offset, iov, done, 0)
+
+    def transfer(
+        self, op: int, fd: int, offset: int, iov: list[memoryview], nbytes: int, done: Done
+    ) -> None:
+        """Read (OP_READ) or write ``nbytes`` (the length of ``iov``); ``done(0)`` or
+        ``done(-errno)`` as `iov.full_result` says.  Subclasses add the fast path."""
+        self._queue(op, fd, offset, iov, done, 0, True)
 
     def fdatasync(self, fd: int, done: Done) -> None:
         self._queue(OP_SYNC, fd, 0, None, done, 0)
@@ -134,7 +145,9 @@ class SlotEngine:
             self._helper = ThreadPoolEngine(self._loop, workers=4)
         return self._helper
 
-    def _queue(self, op: int, fd: int, offset: int, arg: Any, done: Done, acc: int) -> None:
+    def _queue(
+        self, op: int, fd: int, offset: int, arg: Any, done: Done, acc: int, full: bool = False
+    ) -> None:
         if self.closed:
             self._loop.call_soon(done, -errno.EBADF)
             return
@@ -145,18 +158,21 @@ class SlotEngine:
             except BaseException:
                 self._free.append(slot)
                 raise
-            self._inflight[slot] = (done, op, fd, offset, arg, expect, acc, keep)
+            self._inflight[slot] = (done, op, fd, offset, arg, expect, acc, keep, full)
         else:
-            self._waiting.append((op, fd, offset, arg, done, acc))
+            self._waiting.append((op, fd, offset, arg, done, acc, full))
         if not self._flush_scheduled and not self._plugged:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
 
     def _fill_from_waiting(self) -> None:
         waiting = self._waiting
         free = self._free
         while waiting and free:
-            op, fd, offset, arg, done, acc = waiting.popleft()
+            op, fd, offset, arg, done, acc, full = waiting.popleft()
             slot = free.pop()
             try:
                 expect, keep = self._prep(slot, op, fd, offset, arg)
@@ -165,7 +181,7 @@ class SlotEngine:
                 self._loop.call_soon(done, -errno.EFAULT)
                 self._loop.call_exception_handler({"message": "bad I/O request", "exception": e})
                 continue
-            self._inflight[slot] = (done, op, fd, offset, arg, expect, acc, keep)
+            self._inflight[slot] = (done, op, fd, offset, arg, expect, acc, keep, full)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -204,11 +220,18 @@ class SlotEngine:
             free.append(slot)
             if entry is None:
                 continue
-            done, op, fd, offset, arg, expect, acc, _keep = entry
-            if res > 0 and op <= OP_WRITE and res < expect:
-                self._waiting.append((op, fd, offset + res, iov_advance(arg, res), done, acc + res))
+            done, op, fd, offset, arg, expect, acc, _keep, full = entry
+            if res >= expect:  # everything (reads and writes), or any other op's success
+                calls.append((done, 0 if full else res + acc))
                 continue
-            calls.append((done, res + acc if res >= 0 else res))
+            if res > 0 and op <= OP_WRITE:
+                rest = iov_advance(arg, res)
+                self._waiting.append((op, fd, offset + res, rest, done, acc + res, full))
+                continue
+            if full:
+                calls.append((done, full_result(op, arg, expect, res)))
+            else:
+                calls.append((done, res + acc if res >= 0 else res))
         self._fill_from_waiting()
         completions.deliver(calls)
         if not self._plugged:

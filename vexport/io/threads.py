@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vexport.io import completions
-from vexport.io.iov import iov_advance, iov_length
+from vexport.io.iov import OP_READ, full_result, iov_advance, iov_length
 from vexport.kernel import aio as kaio
 
 Done = Callable[[int], object]
@@ -115,6 +115,14 @@ class ThreadPoolEngine:
 
     def pwritev(self, fd: int, offset: int, iov: list[memoryview], done: Done) -> None:
         self._submit(_pwritev, (fd, offset, iov), done)
+
+    def transfer(
+        self, op: int, fd: int, offset: int, iov: list[memoryview], nbytes: int, done: Done
+    ) -> None:
+        def complete(ret: int) -> None:
+            done(full_result(op, iov, nbytes, ret))
+
+        self._submit(_preadv if op == OP_READ else _pwritev, (fd, offset, iov), complete)
 
     def fdatasync(self, fd: int, done: Done) -> None:
         self._submit(_fdatasync, (fd,), done)
