@@ -207,15 +207,11 @@ class IoUringEngine(SlotEngine):
     def _poll_cq(self) -> bool:
         """Deliver the completions already in the CQ ring (right after a submission:
         page-cache hits complete inside io_uring_enter; or when a device polls:
-        `completions.poll`); True if there were any.  The eventfd is cleared first, so
-        the loop does not wake up for them again (a CQE whose signal that read consumed
-        is in the ring by then: none is lost)."""
+        `completions.poll`); True if there were any.  The eventfd is left set (as
+        in the Linux AIO engine): no system call per batch here; a loop that sleeps
+        wakes once for it, and `_on_eventfd` reads it before the ring."""
         if self._completing or not self._submitted or self._cq_ktail[0] == self._head:
             return False
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
         batch = self._reap()
         self._submitted -= len(batch)
         self._deliver(batch)

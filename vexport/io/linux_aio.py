@@ -19,9 +19,10 @@ Theory of operation (see io_submit(2), linux/aio_abi.h):
   signals the eventfd per completion, after writing the event; the loop reads the
   eventfd, then the ring.  Right after ``io_submit`` the ring is read once more:
   requests that complete inside the call (tmpfs, null_blk, page-cache hits) are then
-  delivered in the same batch as their submission, without a loop iteration.  If that
-  finds events, the eventfd is cleared and the ring read again (an event whose signal
-  the read consumed is already in the ring: none is lost).
+  delivered in the same batch as their submission, without a loop iteration.  That
+  read leaves the eventfd set (no system call per batch); the loop then wakes once for
+  it and finds nothing new, or new events.  The eventfd handler reads the eventfd
+  before the ring, so an event is never left without a signal.
 
 Buffers: memoryviews are pinned with ``ffi.from_buffer`` until the completion.  With
 ``O_DIRECT`` the caller must pass buffers, offsets and lengths aligned to the device's
@@ -164,11 +165,9 @@ class LinuxAioEngine(SlotEngine):
         batch: list[tuple[int, int]] = []
         if not ring.reap(batch):
             return False
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
-        ring.reap(batch)
+        # The eventfd is left set: a polling device never sleeps between requests, so
+        # reading it here would be a system call per batch; a loop that does sleep
+        # wakes once for it, finds the ring empty (or new events) and clears it.
         self._deliver(batch)
         return True
 
