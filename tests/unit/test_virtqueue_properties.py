@@ -649,6 +649,10 @@ def _request_outcome(world: World, req: BlkRequest) -> object:
         req.offset,
         req.length,
         req.data_len,
+        req.unmap,
+        req.used_len,
+        req.done,
+        req.user,
         [_where(world, v) for v in req.iov],
         _where(world, req.status_view),
     )

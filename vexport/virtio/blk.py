@@ -242,6 +242,9 @@ class BlkRequest:
         )
 
 
+_new_request = object.__new__  # parse_simple builds requests without __init__
+
+
 def _split_header(chain: DescriptorChain) -> tuple[bytes | memoryview, list[memoryview]]:
     """The 16 header bytes and the readable views after them."""
     readable = chain.readable
@@ -360,12 +363,21 @@ class VirtioBlk:
             and sector <= self.capacity_sectors
             and data_len >> SECTOR_BITS <= self.capacity_sectors - sector
         ):
-            req = BlkRequest(head, kind, sector, view[last : last + 1])
+            # BlkRequest.__init__ inlined, each field stored once
+            req = _new_request(BlkRequest)
+            req.head = head
+            req.type = kind
+            req.sector = sector
+            req.status_view = view[last : last + 1]
+            req.status = None
             req.iov = [view[data : data + data_len]]
             req.offset = sector << SECTOR_BITS
             req.length = data_len
-            if data_written:
-                req.data_len = data_len
+            req.data_len = data_len if data_written else 0
+            req.unmap = False
+            req.used_len = 1
+            req.done = None
+            req.user = None
             return req
         return self.parse(simple_to_chain(chain, *SIMPLE_SHAPE))
 
