@@ -10,6 +10,7 @@ import asyncio
 import errno
 import mmap
 import os
+import select
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,8 @@ async def engine(
 async def test_native_completions_done_at_submission_stay_in_the_batch(tmp_path: Path) -> None:
     """Buffered Linux AIO on a regular file completes inside io_submit: the engine reads
     the completion ring right after submitting and delivers the completion before the
-    batch that submitted it closes (no loop iteration), and the eventfd signal it
-    leaves behind is consumed without a second delivery."""
+    batch that submitted it closes (no loop iteration); the eventfd signal it leaves
+    set is consumed by the loop once, without a second delivery."""
     from vexport.io import completions
 
     loop = asyncio.get_running_loop()
@@ -79,7 +80,10 @@ async def test_native_completions_done_at_submission_stay_in_the_batch(tmp_path:
             assert got == [4096] * 3
         finally:
             completions.end()
+        # The eventfd is left set (no read per batch); the loop clears it once.
+        assert select.select([eng._efd], [], [], 0)[0] == [eng._efd]
         await asyncio.sleep(0.05)
+        assert select.select([eng._efd], [], [], 0)[0] == []
         assert got == [4096] * 3
         assert len(eng._free) == 8
         assert os.pread(fd, 3 * 4096, 0) == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
@@ -113,7 +117,9 @@ async def test_io_uring_completions_done_at_submission_stay_in_the_batch(
             assert got == [4096] * 3
         finally:
             completions.end()
+        assert select.select([eng._efd], [], [], 0)[0] == [eng._efd]  # left set
         await asyncio.sleep(0.05)
+        assert select.select([eng._efd], [], [], 0)[0] == []  # the loop cleared it
         assert got == [4096] * 3
         assert eng._submitted == 0 and len(eng._free) == 8
         assert all(bytes(b) == b"\x07" * 4096 for b in bufs)
