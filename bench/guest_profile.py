@@ -75,11 +75,14 @@ def ab(ns: argparse.Namespace) -> int:
         order = ns.variant if rep % 2 == 0 else ns.variant[::-1]
         for variant in order:
             env = dict(kv.split("=", 1) for kv in [*ns.env, *variant.split(",")] if kv)
+            # DAEMON=PATH: this variant runs another daemon program (e.g. vexport from
+            # another virtualenv), not an environment variable.
+            daemon = [env.pop("DAEMON")] if "DAEMON" in env else ns.daemon
             for key, value in env.items():
                 os.environ[key] = value
             name = f"vxab{rep}{ns.variant.index(variant)}"
             proc = helpers.start_daemon(
-                ns.daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180
+                daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180
             )
             try:
                 dev = helpers.vdpa_add(name, timeout=60)
