@@ -189,10 +189,9 @@ class BlockNode:
 
     def pwritev(self, offset: int, iov: list[memoryview], done: Done) -> None:
         nbytes = iov[0].nbytes if len(iov) == 1 else iov_bytes(iov)
-        if self.read_only:  # _check inlined
-            self.complete_later(done, -errno.EPERM)
-        elif offset < 0 or offset + nbytes > self._length:
-            self.complete_later(done, -errno.EIO)
+        err = self._check(offset, nbytes, True)
+        if err:
+            self.complete_later(done, err)
         elif self.detect_zeroes != "off" and iov_is_zero(iov):
             self.write_zeroes(offset, nbytes, self.detect_zeroes == "unmap", done)
         else:

@@ -57,7 +57,6 @@ class IoUringEngine(SlotEngine):
             raise
         super().__init__(loop, ring.sq_entries)
         self._enter = kur.Enter(self._ring_fd)
-        self._sqes = ring.sqes
         # One pointer per SQE, made once (indexing the array makes a new cdata each time).
         self._sqe_ptrs = [ring.sqes + i for i in range(ring.sq_entries)]
         self._sq_mask = ring.sq_mask
