@@ -182,11 +182,11 @@ class Device:
                 if req.status is None:
                     kind = req.type
                     if kind == blk.VIRTIO_BLK_T_IN:
-                        req.done = done  # type: ignore[assignment]
+                        req.done = done
                         preadv(req.offset, req.iov, req)
                         continue
                     if kind == blk.VIRTIO_BLK_T_OUT:
-                        req.done = done  # type: ignore[assignment]
+                        req.done = done
                         pwritev(req.offset, req.iov, req)
                         continue
                 execute(req, backend, done)  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ def make(backend_kind: str, size: int, write: bool, batch: int) -> tuple[Ring, D
 
         with open(MICRO_FILE, "wb") as f:
             f.truncate(CAPACITY)
-        options = {"driver": "file", "filename": MICRO_FILE, "aio": backend_kind}
+        options: dict[str, object] = {"driver": "file", "filename": MICRO_FILE, "aio": backend_kind}
         if backend_kind == "native":
             options["cache"] = {"direct": True}
         backend = FileNode("file0", options)
@@ -253,16 +253,17 @@ async def _run_node(ring: Ring, dev: Device, seconds: float) -> tuple[int, float
 
 
 def measure(backend_kind: str, args: argparse.Namespace) -> tuple[int, float, Device]:
-    ring, dev = make(backend_kind, args.queue_size, args.rw == "write", args.batch)
     try:
+        ring, dev = make(backend_kind, args.queue_size, args.rw == "write", args.batch)
         if backend_kind == "sync":
             n, cpu = run_sync(ring, dev, args.seconds)
         else:
             n, cpu = asyncio.run(_run_node(ring, dev, args.seconds))
-    finally:
-        if os.path.exists(MICRO_FILE):
+        if backend_kind in FILE_BACKENDS:
             dev.backend.close()  # type: ignore[attr-defined]
-            os.unlink(MICRO_FILE)
+    finally:
+        if backend_kind in FILE_BACKENDS:
+            os.unlink(MICRO_FILE)  # the file make() created for this run
     return n, cpu, dev
 
 
