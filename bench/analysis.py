@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -353,6 +354,44 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def collapsed_stack_report(text: str, top: int = 30) -> str:
+    """Summarise collapsed stacks (py-spy's ``--format raw``: one ``frame;frame;...
+    COUNT`` line per distinct stack, the leaf last) into shares of all samples: per
+    process (the first frame when sampled with ``--subprocesses``), per function as
+    the leaf (own time) and anywhere in the stack (inclusive, each function counted
+    once per stack)."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    procs: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        if frames[0].startswith("process "):
+            procs[frames[0]] += count
+            frames = frames[1:]
+        frames = [f for f in frames if not f.startswith("thread ")]
+        if not frames:
+            continue
+        own[frames[-1]] += count
+        for frame in set(frames):
+            incl[frame] += count
+    if not total:
+        return "no samples\n"
+    out = [f"{total} samples"]
+    if procs:
+        out.append("per process:")
+        out += [f"  {100 * n / total:5.1f}%  {p}" for p, n in procs.most_common()]
+    for title, counter in (("own time (leaf frame):", own), ("inclusive:", incl)):
+        out.append(title)
+        out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in counter.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
 def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
     """The options bench/profile_cell.py and its in-guest half share: one cell, the
     profiling tool, the daemon's environment and the A/B variants."""
@@ -361,7 +400,9 @@ def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
     p.add_argument("--rw", choices=("randread", "randwrite"), default="randread")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--runtime", type=float, default=5)
-    p.add_argument("--tool", choices=("none", "cprofile", "strace", "perf"), default="none")
+    p.add_argument(
+        "--tool", choices=("none", "cprofile", "strace", "perf", "py-spy"), default="none"
+    )
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
     p.add_argument(
         "--variant",

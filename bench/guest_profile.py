@@ -129,14 +129,14 @@ def main() -> int:
         fd = os.open(an.FILE_PATH, os.O_RDWR | os.O_CREAT, 0o644)
         os.posix_fallocate(fd, 0, an.FILE_SIZE)
         os.close(fd)
-    env = dict(os.environ)
+    # The daemon inherits this environment: every --env pair (PYTHONPATH too, to run
+    # another checkout), and the profile's output file.
     for kv in ns.env:
         key, _, value = kv.partition("=")
-        env[key] = value
+        os.environ[key] = value
     if ns.tool == "cprofile":
-        env["VEXPORT_PROFILE"] = str(OUT / "cprofile.pstats")
+        os.environ["VEXPORT_PROFILE"] = str(OUT / "cprofile.pstats")
     name = "vxprof0"
-    os.environ.update({k: v for k, v in env.items() if k.startswith("VEXPORT")})
     proc = helpers.start_daemon(ns.daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180)
     summary: list[str] = []
     try:
@@ -153,6 +153,15 @@ def main() -> int:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+        elif ns.tool == "py-spy":
+            # Sampling, without stopping the daemon (--nonblocking): its own cost is a
+            # second process reading the daemon's memory, not a slower daemon.
+            tracer = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+                 "--idle", "--subprocesses", "--rate", "250", "--format", "raw",
+                 "-o", str(OUT / "py-spy.txt"), "-p", str(proc.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         time.sleep(0.5 if tracer else 0)
         stdout, cpu = run_fio(ns, proc.pid, dev)
         if tracer is not None:
@@ -173,6 +182,9 @@ def main() -> int:
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             (OUT / "perf.txt").write_text(rep.stdout + rep.stderr)
+        if ns.tool == "py-spy":
+            report = an.collapsed_stack_report((OUT / "py-spy.txt").read_text(), top=40)
+            (OUT / "py-spy-report.txt").write_text(report)
         helpers.vdpa_del(name)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile_cell.py --tool cprofile --backend null --depth 1
     .venv/bin/python bench/profile_cell.py --tool strace --backend native --depth 32
     .venv/bin/python bench/profile_cell.py --tool perf --daemon qsd --backend nullb
+    .venv/bin/python bench/profile_cell.py --tool py-spy --backend native --depth 32
     .venv/bin/python bench/profile_cell.py --variant VEXPORT_LOOP=asyncio \
         --variant VEXPORT_LOOP=uvloop --repeat 4 --depth 32
 
@@ -67,7 +68,7 @@ def main() -> int:
         stats = pstats.Stats(str(ns.out / "cprofile.pstats"))
         stats.sort_stats("tottime").print_stats(ns.top)
         stats.sort_stats("cumulative").print_stats(ns.top)
-    for name in ("strace.txt", "perf.txt"):
+    for name in ("strace.txt", "perf.txt", "py-spy-report.txt"):
         if (ns.out / name).exists():
             print((ns.out / name).read_text()[:12000])
     return res.status

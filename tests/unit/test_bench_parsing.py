@@ -184,3 +184,31 @@ def test_format_table_lists_every_cell_and_the_totals() -> None:
     assert "0.50" in row_b and "63" not in row_b  # no latency column at depth 32
     assert f"{math.sqrt(0.75 * 0.5):.3f}" in text
     assert "worst cell: file aio=native q2 write d32: 0.500" in text
+
+
+def test_collapsed_stack_report_shares():
+    text = "\n".join(
+        [
+            'process 10:"vexport";thread (0x1);run (cli.py:5);on_kick (blk.py:9);'
+            "parse (blk.py:20) 6",
+            'process 10:"vexport";thread (0x1);run (cli.py:5);on_kick (blk.py:9) 2',
+            'process 11:"vexport-q1";thread (0x2);run (cli.py:5);run (cli.py:5) 2',
+            "garbage line",
+        ]
+    )
+    report = an.collapsed_stack_report(text, top=10)
+    lines = report.splitlines()
+    assert lines[0] == "10 samples"
+    assert '   80.0%  process 10:"vexport"' in lines
+    assert '   20.0%  process 11:"vexport-q1"' in lines
+    own = lines[lines.index("own time (leaf frame):") + 1 : lines.index("inclusive:")]
+    assert own == [
+        "   60.0%  parse (blk.py:20)",
+        "   20.0%  on_kick (blk.py:9)",
+        "   20.0%  run (cli.py:5)",
+    ]
+    incl = lines[lines.index("inclusive:") + 1 :]
+    # run appears twice in one stack: counted once per stack, so 100%, not 120%
+    assert incl[0] == "  100.0%  run (cli.py:5)"
+    assert "   80.0%  on_kick (blk.py:9)" in incl
+    assert an.collapsed_stack_report("") == "no samples\n"
