@@ -121,6 +121,7 @@ EXPORTS: dict[str, Export] = {
         for key, (size, nq, lbs, serial, _) in GEOMETRY.items()
     },
     "null": Export(f"driver=null-co,size={1024 * MiB}", "num-queues=2"),
+    "null-1q": Export(f"driver=null-co,size={64 * MiB}", "num-queues=1"),
     "threads": Export(FILE + ",aio=threads", RW2, VERIFY_SIZE),
     "native-direct": Export(FILE + ",aio=native,cache.direct=on", RW2, VERIFY_SIZE),
     "io_uring": Export(FILE + ",aio=io_uring", RW2, VERIFY_SIZE),
@@ -288,6 +289,23 @@ def test_null_randread_depth16(
     print(f"{daemon}: null-co randread 4k qd16: {read['iops']:.0f} IOPS")
     assert read["total_ios"] > 0 and read["iops"] > 0
     assert read.get("short_ios", 0) == 0 and read.get("drop_ios", 0) == 0
+
+
+def test_interrupt_work_steered_off_the_polling_cpu(vexport: Served) -> None:
+    """One queue: the driver's interrupt mask holds every CPU; at depth 1 the device
+    polls, and narrows the mask to the CPUs it does not run on (irq_steering.py)."""
+    cpus = os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip("needs at least 2 CPUs")
+    mask = Path(f"/sys/class/vduse/{vexport.name('null-1q')}/vq0/irq_cb_affinity")
+    with vexport.attach("null-1q") as dev:
+        helpers.fio([
+            f"--filename={dev}", "--ioengine=libaio", "--direct=1", "--rw=randread",
+            "--bs=4k", "--iodepth=1", "--runtime=2", "--time_based",
+        ])  # fmt: skip
+        value = int(mask.read_text().strip().replace(",", ""), 16)
+    steered = {i for i in range(cpus) if value >> i & 1}
+    assert steered and steered != set(range(cpus)), f"{mask}: {value:x}"
 
 
 # --------------------------------------------------------------------------- fio verify

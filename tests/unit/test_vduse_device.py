@@ -671,3 +671,35 @@ async def test_polling_serves_a_request_added_after_the_batch_without_a_kick(
     assert drv.avail_event == 2  # re-armed once the poll ended
     dev.poll_spins = 0
     dev.close()
+
+
+async def test_poll_steers_the_polled_queues_interrupts(
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll begins by steering the interrupt masks of the queues it polls off the
+    CPU it runs on (irq_steering.py); a device that does not poll never touches them."""
+    from vexport.exports.irq_steering import IrqSteering
+
+    dt = Recorder()
+    dev = await make_device(guest, monkeypatch, dt)
+    masks = {0: frozenset({0, 1})}
+    writes: list[tuple[int, frozenset[int]]] = []
+
+    def write(index: int, cpus: frozenset[int]) -> None:
+        writes.append((index, cpus))
+
+    dev.irq_steering = IrqSteering(masks.__getitem__, write, lambda: 1)
+    await guest.start(F_VERSION_1 | F_EVENT_IDX)
+    drv = guest.drivers[0]
+    dev.poll_spins = 0
+    drv.add_chain([], [1])
+    guest.fd.kick(0)
+    await until(lambda: drv.used_idx == 1)
+    assert writes == []  # no poll
+    dev.poll_spins = 50
+    drv.add_chain([], [1])
+    guest.fd.kick(0)
+    await until(lambda: drv.used_idx == 2)
+    assert writes == [(0, frozenset({0}))]
+    dev.poll_spins = 0
+    dev.close()

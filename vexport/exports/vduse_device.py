@@ -51,8 +51,10 @@ from typing import Any, Protocol
 
 from vexport.exports import queue_worker
 from vexport.exports.inflight_log import InflightLog, LogConfig, QueueLog
+from vexport.exports.irq_steering import RECHECK, IrqSteering
 from vexport.io import completions
 from vexport.kernel import vduse as kv
+from vexport.kernel.process import current_cpu
 from vexport.virtio.memory import PERM_READ, PERM_RW, PERM_WRITE, RegionMemory
 from vexport.virtio.virtqueue import DescriptorChain, SplitQueue, used_ring_size
 
@@ -202,6 +204,13 @@ class VduseDevice:
         self.poll_spins = int(os.environ.get("VEXPORT_POLL_SPINS", str(POLL_SPINS)))
         # sched_yield between empty looks: the driver's thread may share this CPU.
         self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
+        # The queues' interrupt work kept off the CPU that polls them (irq_steering.py).
+        self.irq_steering = IrqSteering(
+            lambda index: kv.read_irq_affinity(self.name, index),
+            lambda index, cpus: kv.write_irq_affinity(self.name, index, cpus),
+            current_cpu,
+            enabled=os.environ.get("VEXPORT_IRQ_STEER", "1") != "0",
+        )
 
     # -- creation -------------------------------------------------------------------
     @classmethod
@@ -438,6 +447,7 @@ class VduseDevice:
 
     def serve_started_queue(self, queue: VduseQueue, resubmit: list[int]) -> None:
         """Serve a started queue in this process (the daemon, or the queue's worker)."""
+        self.irq_steering.forget(queue.index)
         self._loop.add_reader(queue.kick_fd, self._on_kick, queue)
         if resubmit:
             self._resubmit(queue, resubmit)
@@ -676,8 +686,14 @@ class VduseDevice:
         after ``poll_spins`` looks in a row that found nothing; nothing else runs in the
         loop meanwhile, so the window is kept short.  Between empty looks the CPU is
         yielded (``poll_yield``): with as many driver threads as CPUs, one of them
-        shares the poller's CPU."""
+        shares the poller's CPU.  The queues' interrupt work is steered off the
+        poller's CPU (`IrqSteering`) when the poll begins and every ``RECHECK``
+        requests it serves."""
         queues = [(q, q.vq) for q in self.queues if q.vq is not None and q.running]
+        steering = self.irq_steering
+        indices = [q.index for q, _vq in queues]
+        steering.steer(indices)
+        recheck = RECHECK
         for _q, vq in queues:
             vq.suppress_kicks(True)
         try:
@@ -695,6 +711,10 @@ class VduseDevice:
                     if vq.pending() and queue.running:
                         self._serve(queue)
                         idle = 0
+                        recheck -= 1
+                        if not recheck:  # the scheduler may have moved this process
+                            recheck = RECHECK
+                            steering.steer(indices)
         finally:
             for _q, vq in queues:
                 vq.suppress_kicks(False)

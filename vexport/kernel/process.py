@@ -1,4 +1,5 @@
-"""Process control the standard library lacks: prctl(PR_SET_PDEATHSIG, PR_SET_NAME).
+"""Process control the standard library lacks: prctl(PR_SET_PDEATHSIG, PR_SET_NAME),
+sched_getcpu().
 
 A queue worker (see vexport/exports/queue_worker.py) holds ``/dev/vduse/NAME`` open; if
 the daemon is killed, the worker must die with it, or a restarted daemon could not open
@@ -15,6 +16,7 @@ ffi = cffi.FFI()
 ffi.cdef(
     "int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,"
     " unsigned long arg5);"
+    " int sched_getcpu(void);"
 )
 _libc = ffi.dlopen(None)
 
@@ -36,3 +38,9 @@ def set_name(name: str) -> None:
     if _libc.prctl(PR_SET_NAME, int(ffi.cast("uintptr_t", buf)), 0, 0, 0) != 0:
         err = ffi.errno
         raise OSError(err, os.strerror(err))
+
+
+def current_cpu() -> int:
+    """The CPU this thread runs on now (glibc's sched_getcpu: no system call where the
+    vDSO or RDPID answers); -1 if unknown."""
+    return int(_libc.sched_getcpu())

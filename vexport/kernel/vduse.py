@@ -205,6 +205,10 @@ RESPONSE_SIZE = ffi.sizeof("struct vduse_dev_response")
 
 CONTROL_PATH = "/dev/vduse/control"
 DEVICE_DIR = "/dev/vduse"
+# Per virtqueue, the CPUs on which VDUSE runs the driver's interrupt callback (a
+# workqueue item per VDUSE_VQ_INJECT_IRQ, round-robin over the mask).  The virtio driver
+# sets it (virtio_vdpa: from blk-mq's queue-to-CPU map); root may rewrite it.  Linux 6.8+.
+SYSFS_CLASS_DIR = "/sys/class/vduse"
 
 
 class IotlbEntry(NamedTuple):
@@ -432,6 +436,37 @@ class VduseDeviceFd:
     ) -> None:
         """Answer ``request_id``; ``vq_state`` = (index, avail_index) for GET_VQ_STATE."""
         os.write(self.fd, build_response(request_id, result, vq_state))
+
+
+def irq_affinity_path(name: str, index: int, root: str = SYSFS_CLASS_DIR) -> str:
+    return f"{root}/{name}/vq{index}/irq_cb_affinity"
+
+
+def parse_cpumask(text: str) -> frozenset[int]:
+    """A sysfs cpumask (``%*pb``: hex, 32-bit groups separated by commas, most
+    significant first, e.g. ``3`` or ``00000001,00000000``) as a set of CPU numbers."""
+    value = int(text.strip().replace(",", "") or "0", 16)
+    return frozenset(i for i in range(value.bit_length()) if value >> i & 1)
+
+
+def format_cpumask(cpus: frozenset[int] | set[int]) -> str:
+    """The inverse of `parse_cpumask` (the kernel's cpumask_parse reads it)."""
+    value = 0
+    for cpu in cpus:
+        value |= 1 << cpu
+    text = f"{value:x}"
+    groups = [text[max(0, i - 8) : i] for i in range(len(text), 0, -8)]
+    return ",".join(reversed(groups))
+
+
+def read_irq_affinity(name: str, index: int) -> frozenset[int]:
+    with open(irq_affinity_path(name, index)) as f:
+        return parse_cpumask(f.read())
+
+
+def write_irq_affinity(name: str, index: int, cpus: frozenset[int]) -> None:
+    with open(irq_affinity_path(name, index), "w") as f:
+        f.write(format_cpumask(cpus))
 
 
 def parse_request(data: bytes) -> VduseRequest:
