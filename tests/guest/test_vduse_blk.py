@@ -121,7 +121,7 @@ EXPORTS: dict[str, Export] = {
         for key, (size, nq, lbs, serial, _) in GEOMETRY.items()
     },
     "null": Export(f"driver=null-co,size={1024 * MiB}", "num-queues=2"),
-    "null-1q": Export(f"driver=null-co,size={64 * MiB}", "num-queues=1"),
+    "null-1q": Export(f"driver=null-co,size={64 * MiB}", "num-queues=1"),  # own daemon
     "threads": Export(FILE + ",aio=threads", RW2, VERIFY_SIZE),
     "native-direct": Export(FILE + ",aio=native,cache.direct=on", RW2, VERIFY_SIZE),
     "io_uring": Export(FILE + ",aio=io_uring", RW2, VERIFY_SIZE),
@@ -200,12 +200,17 @@ def serve(daemon: str, keys: list[str], image_dir: Path) -> Iterator[Served]:
     assert status == 0, f"{daemon} exit status {status}:\n{helpers.daemon_log(names[-1])}"
 
 
+# Exports a test serves with a daemon of its own (it stops the daemon while attached).
+OWN_DAEMON = {"null-1q"}
+
+
 @pytest.fixture(scope="module")
 def vexport(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The one vexport serving every export in EXPORTS."""
     helpers.null_blk_create(NULL_BLK, size_mb=NULL_BLK_SIZE // MiB, memory_backed=1)
     try:
-        with serve("vexport", list(EXPORTS), tmp_path_factory.mktemp("vexport")) as served:
+        shared = [key for key in EXPORTS if key not in OWN_DAEMON]
+        with serve("vexport", shared, tmp_path_factory.mktemp("vexport")) as served:
             yield served
     finally:
         helpers.null_blk_remove(NULL_BLK)
@@ -291,21 +296,39 @@ def test_null_randread_depth16(
     assert read.get("short_ios", 0) == 0 and read.get("drop_ios", 0) == 0
 
 
-def test_interrupt_work_steered_off_the_polling_cpu(vexport: Served) -> None:
+def _irq_mask(name: str) -> set[int]:
+    text = Path(f"/sys/class/vduse/{name}/vq0/irq_cb_affinity").read_text()
+    value = int(text.strip().replace(",", ""), 16)
+    return {i for i in range(value.bit_length()) if value >> i & 1}
+
+
+def _depth1_reads(dev: str) -> None:
+    helpers.fio([
+        f"--filename={dev}", "--ioengine=libaio", "--direct=1", "--rw=randread",
+        "--bs=4k", "--iodepth=1", "--runtime=2", "--time_based",
+    ])  # fmt: skip
+
+
+def test_interrupt_work_steered_off_the_polling_cpu(tmp_path: Path) -> None:
     """One queue: the driver's interrupt mask holds every CPU; at depth 1 the device
-    polls, and narrows the mask to the CPUs it does not run on (irq_steering.py)."""
+    polls, and narrows the mask to the CPUs it does not run on (irq_steering.py).  A
+    daemon stopped with the driver attached writes the driver's mask back."""
     cpus = os.cpu_count() or 1
     if cpus < 2:
         pytest.skip("needs at least 2 CPUs")
-    mask = Path(f"/sys/class/vduse/{vexport.name('null-1q')}/vq0/irq_cb_affinity")
-    with vexport.attach("null-1q") as dev:
-        helpers.fio([
-            f"--filename={dev}", "--ioengine=libaio", "--direct=1", "--rw=randread",
-            "--bs=4k", "--iodepth=1", "--runtime=2", "--time_based",
-        ])  # fmt: skip
-        value = int(mask.read_text().strip().replace(",", ""), 16)
-    steered = {i for i in range(cpus) if value >> i & 1}
-    assert steered and steered != set(range(cpus)), f"{mask}: {value:x}"
+    every = set(range(cpus))
+    with serve("vexport", ["null-1q"], tmp_path) as served:
+        name = served.name("null-1q")
+        dev = helpers.vdpa_add(name)
+        _depth1_reads(dev)
+        steered = _irq_mask(name)
+        assert steered and steered != every, steered
+    # stopped with the device attached: the device stays, with the driver's mask
+    assert _irq_mask(name) == every
+    # clean up: a new daemon reattaches; detached, its stop destroys the device
+    with serve("vexport", ["null-1q"], tmp_path):
+        helpers.vdpa_del(name)
+        helpers.wait_for(lambda: not os.path.exists(dev), 30, f"{dev} to go away")
 
 
 # --------------------------------------------------------------------------- fio verify

@@ -14,6 +14,7 @@ class FakeSysfs:
         self.reads: list[int] = []
         self.writes: list[tuple[int, frozenset[int]]] = []
         self.fail: Exception | None = None
+        self.fail_write = False
 
     def read(self, index: int) -> frozenset[int]:
         if self.fail is not None:
@@ -22,6 +23,8 @@ class FakeSysfs:
         return self.masks[index]
 
     def write(self, index: int, cpus: frozenset[int]) -> None:
+        if self.fail_write:
+            raise OSError(22, "Invalid argument")
         self.writes.append((index, cpus))
         self.masks[index] = cpus
 
@@ -116,3 +119,27 @@ def test_cpumask_format_groups_of_32_bits():
     assert format_cpumask(frozenset({0, 1})) == "3"
     assert format_cpumask(frozenset({32})) == "1,00000000"
     assert format_cpumask(frozenset({0, 64})) == "1,00000000,00000001"
+
+
+def test_restore_writes_the_drivers_masks_back():
+    cpu = [0]
+    steering, fs = make({0: frozenset({0, 1}), 1: frozenset({0, 2}), 2: frozenset({3})}, cpu)
+    steering.steer([0, 1, 2])
+    assert fs.masks == {0: frozenset({1}), 1: frozenset({2}), 2: frozenset({3})}
+    fs.writes.clear()
+    steering.restore()
+    assert sorted(fs.writes) == [(0, frozenset({0, 1})), (1, frozenset({0, 2}))]
+    fs.writes.clear()
+    steering.restore()  # nothing changed since
+    assert fs.writes == []
+    steering.steer([0])  # steers again after a restore (same CPU as before)
+    assert fs.writes == [(0, frozenset({1}))]
+
+
+def test_restore_ignores_errors():
+    cpu = [0]
+    steering, fs = make({0: frozenset({0, 1})}, cpu)
+    steering.steer([0])
+    fs.fail_write = True
+    steering.restore()  # no exception
+    assert fs.masks[0] == frozenset({1}) and steering.enabled

@@ -702,4 +702,5 @@ async def test_poll_steers_the_polled_queues_interrupts(
     await until(lambda: drv.used_idx == 2)
     assert writes == [(0, frozenset({0}))]
     dev.poll_spins = 0
-    dev.close()
+    dev.close()  # stops serving: the driver's mask is written back
+    assert writes == [(0, frozenset({0})), (0, frozenset({0, 1}))]

@@ -22,12 +22,16 @@ The driver's mask is read the first time a queue is seen after it starts.  The f
 needs Linux 6.8 and root; where it is missing or refused, steering turns itself off.
 ``VEXPORT_IRQ_STEER=0`` turns it off too.
 
-A daemon restarted while the driver kept running reads the previous daemon's mask as
-the driver's: it can only narrow it further, never widen it back.
+A process that stops serving its queues while the device stays (the daemon stopped with
+the driver attached, a worker told to stop) writes the driver's masks back (`restore`),
+so that the next daemon reads the driver's mask.  After ``kill -9`` nothing restores
+them: a daemon restarted then reads the previous daemon's mask as the driver's, and can
+only narrow it further, never widen it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
@@ -82,3 +86,14 @@ class IrqSteering:
                 log.info("interrupt steering is off: queue %d's irq_cb_affinity: %s", index, e)
                 self.enabled = False
                 return
+
+    def restore(self) -> None:
+        """Write the driver's mask back where this process changed it (it stops serving
+        its queues and the device may stay); errors are ignored."""
+        for index, written in list(self._written.items()):
+            driver = self._driver.get(index)
+            if driver is not None and written != driver:
+                with contextlib.suppress(OSError, ValueError):
+                    self._write(index, driver)
+        self._written.clear()
+        self._cpu = -1

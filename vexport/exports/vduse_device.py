@@ -633,6 +633,10 @@ class VduseDevice:
     def stop_queues(self, reset: bool = False) -> None:
         for queue in self.queues:
             self._stop_worker(queue, reset)
+        if not reset:
+            # Not on a reset: that comes inside a control message, and the driver
+            # sets the masks again when it starts the queues.
+            self.irq_steering.restore()
         for queue in self.queues:
             if queue.kick_fd >= 0:
                 self._loop.remove_reader(queue.kick_fd)
