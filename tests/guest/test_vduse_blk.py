@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from guest import helpers
+from vexport.kernel import vduse
 
 pytestmark = pytest.mark.guest
 
@@ -296,12 +297,6 @@ def test_null_randread_depth16(
     assert read.get("short_ios", 0) == 0 and read.get("drop_ios", 0) == 0
 
 
-def _irq_mask(name: str) -> set[int]:
-    text = Path(f"/sys/class/vduse/{name}/vq0/irq_cb_affinity").read_text()
-    value = int(text.strip().replace(",", ""), 16)
-    return {i for i in range(value.bit_length()) if value >> i & 1}
-
-
 def _depth1_reads(dev: str) -> None:
     helpers.fio([
         f"--filename={dev}", "--ioengine=libaio", "--direct=1", "--rw=randread",
@@ -321,10 +316,10 @@ def test_interrupt_work_steered_off_the_polling_cpu(tmp_path: Path) -> None:
         name = served.name("null-1q")
         dev = helpers.vdpa_add(name)
         _depth1_reads(dev)
-        steered = _irq_mask(name)
+        steered = vduse.read_irq_affinity(name, 0)
         assert steered and steered != every, steered
     # stopped with the device attached: the device stays, with the driver's mask
-    assert _irq_mask(name) == every
+    assert vduse.read_irq_affinity(name, 0) == every
     # clean up: a new daemon reattaches; detached, its stop destroys the device
     with serve("vexport", ["null-1q"], tmp_path):
         helpers.vdpa_del(name)

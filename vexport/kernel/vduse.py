@@ -438,8 +438,8 @@ class VduseDeviceFd:
         os.write(self.fd, build_response(request_id, result, vq_state))
 
 
-def irq_affinity_path(name: str, index: int, root: str = SYSFS_CLASS_DIR) -> str:
-    return f"{root}/{name}/vq{index}/irq_cb_affinity"
+def irq_affinity_path(name: str, index: int) -> str:
+    return f"{SYSFS_CLASS_DIR}/{name}/vq{index}/irq_cb_affinity"
 
 
 def parse_cpumask(text: str) -> frozenset[int]:
