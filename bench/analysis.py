@@ -392,6 +392,79 @@ def collapsed_stack_report(text: str, top: int = 30) -> str:
     return "\n".join(out) + "\n"
 
 
+@dataclass(frozen=True)
+class TaskSample:
+    """One task's scheduler counters (/proc/PID/task/TID/stat and schedstat)."""
+
+    comm: str
+    run_ns: int  # time on a CPU
+    wait_ns: int  # time runnable, waiting for a CPU
+    slices: int  # times it was put on a CPU
+    cpu: int  # the CPU it last ran on
+
+
+def task_sample(stat: str, schedstat: str) -> TaskSample:
+    """Parse a task's stat and schedstat lines (proc(5): field 39 is the CPU)."""
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    run, wait, slices = (int(x) for x in schedstat.split()[:3])
+    return TaskSample(comm, run, wait, slices, int(fields[36]))
+
+
+def task_group(comm: str, daemon: bool) -> str:
+    """The row a task is counted in: the daemon's tasks, fio, the kernel's workers by
+    kind, everything else."""
+    if daemon:
+        return "daemon"
+    if comm.startswith("fio"):
+        return "fio"
+    for prefix in ("kworker", "ksoftirqd", "migration", "rcu", "vduse"):
+        if comm.startswith(prefix):
+            return prefix
+    return "other"
+
+
+def sched_report(
+    before: Mapping[int, tuple[str, TaskSample]],
+    after: Mapping[int, tuple[str, TaskSample]],
+    seconds: float,
+    ios: float,
+    cpus_before: Sequence[Sequence[int]],
+    cpus_after: Sequence[Sequence[int]],
+) -> str:
+    """Where the guest's CPUs went over a window: per group of tasks (keyed by task
+    id, each with its group), CPU time and run-queue wait as a share of the window
+    and per I/O, and times put on a CPU per I/O; per CPU, the /proc/stat shares.
+    Tasks that started during the window count from zero; tasks that ended are lost."""
+    rows: dict[str, list[float]] = {}
+    for tid, (group, new) in after.items():
+        old = before.get(tid, (group, TaskSample(new.comm, 0, 0, 0, new.cpu)))[1]
+        row = rows.setdefault(group, [0.0, 0.0, 0.0])
+        row[0] += new.run_ns - old.run_ns
+        row[1] += new.wait_ns - old.wait_ns
+        row[2] += new.slices - old.slices
+    ios = max(ios, 1)
+    out = [
+        f"window {seconds:.2f} s, {ios:.0f} I/Os",
+        f"{'group':<10} {'cpu %':>7} {'cpu us/IO':>10} {'wait us/IO':>11} {'slices/IO':>10}",
+    ]
+    for group, (run, wait, slices) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        if run < 1e6 and wait < 1e6:
+            continue  # under a millisecond: not worth a line
+        out.append(
+            f"{group:<10} {100 * run / 1e9 / seconds:7.1f} {run / 1e3 / ios:10.1f} "
+            f"{wait / 1e3 / ios:11.1f} {slices / ios:10.2f}"
+        )
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
+    for n, (a, b) in enumerate(zip(cpus_before, cpus_after, strict=True)):
+        delta = [y - x for x, y in zip(a, b, strict=True)]
+        total = max(sum(delta), 1)
+        pairs = zip(names, delta, strict=False)  # kernels add columns after these
+        shares = " ".join(f"{name} {100 * d / total:.0f}%" for name, d in pairs)
+        out.append(f"cpu{n}: {shares}")
+    return "\n".join(out) + "\n"
+
+
 def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
     """The options bench/profile_cell.py and its in-guest half share: one cell, the
     profiling tool, the daemon's environment and the A/B variants."""
@@ -401,7 +474,7 @@ def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--runtime", type=float, default=5)
     p.add_argument(
-        "--tool", choices=("none", "cprofile", "strace", "perf", "py-spy"), default="none"
+        "--tool", choices=("none", "cprofile", "strace", "perf", "py-spy", "sched"), default="none"
     )
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemon")
     p.add_argument(

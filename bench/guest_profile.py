@@ -39,6 +39,56 @@ def guest_cpu() -> list[int]:
         return [int(x) for x in f.readline().split()[1:]]
 
 
+def per_cpu() -> list[list[int]]:
+    """Each CPU's /proc/stat columns."""
+    with open("/proc/stat") as f:
+        return [
+            [int(x) for x in line.split()[1:]]
+            for line in f
+            if line.startswith("cpu") and line[3].isdigit()
+        ]
+
+
+def task_snapshot(daemon_pid: int) -> dict[int, tuple[str, an.TaskSample]]:
+    """Every task in the guest: its group (bench/analysis.py task_group) and counters."""
+    from guest_bench import process_tree
+
+    daemon = set(process_tree(daemon_pid))
+    snap: dict[int, tuple[str, an.TaskSample]] = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                base = f"/proc/{pid}/task/{tid}"
+                with open(base + "/stat") as f, open(base + "/schedstat") as g:
+                    sample = an.task_sample(f.read(), g.read())
+                group = an.task_group(sample.comm, pid in daemon)
+                if group in ("daemon", "fio"):  # per CPU (fio's jobs are pinned)
+                    group = f"{group}@{sample.cpu}"
+                snap[int(tid)] = (group, sample)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return snap
+
+
+def sched_window(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float, str]:
+    """Run fio with a snapshot of every task's scheduler counters one second in and one
+    second before the end: (fio stdout, daemon CPU seconds, the report)."""
+    t0 = cpu_ticks(pid)
+    fio = subprocess.Popen(
+        an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    c0, s0, w0 = per_cpu(), task_snapshot(pid), time.monotonic()
+    time.sleep(max(ns.runtime - 2, 1))
+    c1, s1, w1 = per_cpu(), task_snapshot(pid), time.monotonic()
+    stdout, _ = fio.communicate()
+    res = an.parse_fio(an.extract_json(stdout), ns.rw)
+    report = an.sched_report(s0, s1, w1 - w0, res.iops * (w1 - w0), c0, c1)
+    return stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK"), report
+
+
 IDLE_COLUMNS = (3, 4)  # idle, iowait
 LAST_IDLE = [0.0]  # the guest's idle share during the last fio run
 
@@ -131,13 +181,17 @@ def main() -> int:
         os.close(fd)
     # The daemon inherits this environment: every --env pair (PYTHONPATH too, to run
     # another checkout), and the profile's output file.
+    daemon = ns.daemon
     for kv in ns.env:
         key, _, value = kv.partition("=")
-        os.environ[key] = value
+        if key == "DAEMON":  # another daemon program, as in the A/B mode
+            daemon = [value]
+        else:
+            os.environ[key] = value
     if ns.tool == "cprofile":
         os.environ["VEXPORT_PROFILE"] = str(OUT / "cprofile.pstats")
     name = "vxprof0"
-    proc = helpers.start_daemon(ns.daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180)
+    proc = helpers.start_daemon(daemon, an.daemon_args(ns.backend, name, ns.queues), name, 180)
     summary: list[str] = []
     try:
         dev = helpers.vdpa_add(name, timeout=60)
@@ -163,7 +217,11 @@ def main() -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         time.sleep(0.5 if tracer else 0)
-        stdout, cpu = run_fio(ns, proc.pid, dev)
+        if ns.tool == "sched":
+            stdout, cpu, report = sched_window(ns, proc.pid, dev)
+            (OUT / "sched.txt").write_text(report)
+        else:
+            stdout, cpu = run_fio(ns, proc.pid, dev)
         if tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(60)

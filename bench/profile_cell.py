@@ -68,7 +68,7 @@ def main() -> int:
         stats = pstats.Stats(str(ns.out / "cprofile.pstats"))
         stats.sort_stats("tottime").print_stats(ns.top)
         stats.sort_stats("cumulative").print_stats(ns.top)
-    for name in ("strace.txt", "perf.txt", "py-spy-report.txt"):
+    for name in ("strace.txt", "perf.txt", "py-spy-report.txt", "sched.txt"):
         if (ns.out / name).exists():
             print((ns.out / name).read_text()[:12000])
     return res.status

@@ -212,3 +212,43 @@ def test_collapsed_stack_report_shares():
     assert incl[0] == "  100.0%  run (cli.py:5)"
     assert "   80.0%  on_kick (blk.py:9)" in incl
     assert an.collapsed_stack_report("") == "no samples\n"
+
+
+STAT = (
+    "4242 (fio worker) R 1 4242 4242 0 -1 4194304 10 0 0 0 150 50 0 0 20 0 1 0 100 "
+    "1000 100 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0"
+)
+
+
+def test_task_sample_reads_comm_with_spaces_and_last_cpu() -> None:
+    s = an.task_sample(STAT, "123456 7890 12\n")
+    assert s == an.TaskSample("fio worker", 123456, 7890, 12, 1)
+
+
+def test_task_groups() -> None:
+    assert an.task_group("python3", daemon=True) == "daemon"
+    assert an.task_group("fio", daemon=False) == "fio"
+    assert an.task_group("kworker/1:2-events", daemon=False) == "kworker"
+    assert an.task_group("ksoftirqd/0", daemon=False) == "ksoftirqd"
+    assert an.task_group("bash", daemon=False) == "other"
+
+
+def test_sched_report_shares_and_per_io() -> None:
+    old = an.TaskSample("fio", 1_000_000_000, 0, 10, 0)
+    new = an.TaskSample("fio", 1_500_000_000, 100_000_000, 1010, 0)
+    born = an.TaskSample("kworker/0:1", 200_000_000, 0, 500, 1)
+    report = an.sched_report(
+        {1: ("fio", old)},
+        {1: ("fio", new), 2: ("kworker", born)},
+        seconds=1.0,
+        ios=1000,
+        cpus_before=[[0, 0, 0, 0, 0, 0, 0]],
+        cpus_after=[[50, 0, 25, 25, 0, 0, 0]],
+    )
+    lines = report.splitlines()
+    fio = next(line for line in lines if line.startswith("fio"))
+    # 0.5 s of CPU in a 1 s window: 50%, 500 us per I/O; 100 us waiting; 1 slice per I/O
+    assert fio.split() == ["fio", "50.0", "500.0", "100.0", "1.00"]
+    kw = next(line for line in lines if line.startswith("kworker"))
+    assert kw.split()[1:3] == ["20.0", "200.0"]  # started in the window: counted from 0
+    assert "cpu0: user 50% nice 0% system 25% idle 25%" in report
