@@ -704,3 +704,51 @@ async def test_poll_steers_the_polled_queues_interrupts(
     dev.poll_spins = 0
     dev.close()  # stops serving: the driver's mask is written back
     assert writes == [(0, frozenset({0})), (0, frozenset({0, 1}))]
+
+
+def test_poll_max_batch_polls_every_kick_only_with_a_cpu_to_spare() -> None:
+    from vexport.exports.vduse_device import POLL_ANY_BATCH, POLL_MAX_BATCH, poll_max_batch
+
+    assert poll_max_batch(pollers=1, cpus=2) == POLL_ANY_BATCH
+    assert poll_max_batch(pollers=2, cpus=2) == POLL_MAX_BATCH
+    assert poll_max_batch(pollers=4, cpus=2) == POLL_MAX_BATCH
+    assert POLL_MAX_BATCH < QSIZE < POLL_ANY_BATCH
+
+
+async def test_poll_after_a_large_batch_only_within_the_limit(
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kick that brought more requests than ``poll_max_batch`` is served without a
+    poll; within the limit the device polls (seen through its steering call)."""
+    from vexport.exports.irq_steering import IrqSteering
+    from vexport.exports.vduse_device import POLL_ANY_BATCH, POLL_MAX_BATCH
+
+    monkeypatch.setenv("VEXPORT_POLL_MAX_BATCH", "3")
+    dt = Recorder()
+    dev = await make_device(guest, monkeypatch, dt)
+    assert dev.poll_max_batch == 3  # the environment overrides the rule
+    writes: list[tuple[int, frozenset[int]]] = []
+    dev.irq_steering = IrqSteering(
+        {0: frozenset({0, 1}), 1: frozenset({0, 1})}.__getitem__,
+        lambda index, cpus: writes.append((index, cpus)),
+        lambda: 1,
+    )
+    await guest.start(F_VERSION_1 | F_EVENT_IDX)
+    drv = guest.drivers[0]
+    dev.poll_spins = 50
+    dev.poll_max_batch = POLL_MAX_BATCH
+    for _ in range(POLL_MAX_BATCH + 1):
+        drv.add_chain([], [1])
+    guest.fd.kick(0)
+    await until(lambda: drv.used_idx == POLL_MAX_BATCH + 1)
+    await settle()
+    assert writes == []  # a deep batch: no poll
+    drv.get_used()  # the descriptors back to the driver
+    dev.poll_max_batch = POLL_ANY_BATCH
+    for _ in range(POLL_MAX_BATCH + 1):
+        drv.add_chain([], [1])
+    guest.fd.kick(0)
+    await until(lambda: drv.used_idx == 2 * (POLL_MAX_BATCH + 1))
+    assert writes and writes[0][1] == frozenset({0})  # polled: steered off CPU 1
+    dev.poll_spins = 0
+    dev.close()

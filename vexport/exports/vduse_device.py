@@ -75,10 +75,27 @@ VIRTIO_F_NOTIFY_ON_EMPTY = 24
 # stored with struct.pack_into, which zeroes a field before writing it: see virtqueue.py.
 # Polling made them likelier, as the driver then reads the ring while the device writes.)
 POLL_SPINS = 300
-# Poll only after kicks that brought few requests: a driver waiting for each answer
-# (low queue depth).  Deep queues keep the device busy anyway, and polling there cost
-# throughput with aio=threads (its workers need the GIL the poll holds).
+# When there is a polling process on every CPU, poll only after kicks that brought few
+# requests (a driver waiting for each answer, low queue depth), so that the pollers do
+# not take every CPU from the driver's submitters: measured, two queues on two CPUs at
+# depth 32 lost 4% polling after every kick.  With fewer pollers than CPUs, poll after
+# every kick: a deep queue then keeps its poller finding work, without kicks, eventfd
+# reads and wake-ups (one queue at depth 32: +3-12%; bench/README.md).
 POLL_MAX_BATCH = 4
+POLL_ANY_BATCH = 1 << 16
+
+
+def poll_max_batch(pollers: int, cpus: int) -> int:
+    """The largest kick batch after which a device polls (see POLL_MAX_BATCH)."""
+    return POLL_ANY_BATCH if pollers < cpus else POLL_MAX_BATCH
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset and cpusets count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
 
 
 class DeviceType(Protocol):
@@ -202,6 +219,12 @@ class VduseDevice:
         self._closed = False
         # Empty looks at the avail rings before sleeping (see _poll); 0 disables.
         self.poll_spins = int(os.environ.get("VEXPORT_POLL_SPINS", str(POLL_SPINS)))
+        # Poll after a kick that brought at most this many requests (poll_max_batch):
+        # one polling process per queue with workers, else this one.
+        pollers = num_queues if workers else 1
+        self.poll_max_batch = int(
+            os.environ.get("VEXPORT_POLL_MAX_BATCH", poll_max_batch(pollers, usable_cpus()))
+        )
         # sched_yield between empty looks: the driver's thread may share this CPU.
         self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
         # The queues' interrupt work kept off the CPU that polls them (irq_steering.py).
@@ -667,7 +690,7 @@ class VduseDevice:
             return
         before = vq.last_avail_idx
         self._serve(queue)
-        if self.poll_spins and 0 < (vq.last_avail_idx - before) & 0xFFFF <= POLL_MAX_BATCH:
+        if self.poll_spins and 0 < (vq.last_avail_idx - before) & 0xFFFF <= self.poll_max_batch:
             self._poll()
 
     def _serve(self, queue: VduseQueue) -> None:
@@ -681,7 +704,7 @@ class VduseDevice:
             completions.end()
 
     def _poll(self) -> None:
-        """After serving a kick that brought few requests, look at every queue's avail
+        """After serving a kick (``poll_max_batch``), look at every queue's avail
         ring for a while before sleeping, with kicks suppressed: a driver that sends
         its next request soon (at queue depth 1, right after the interrupt) is served
         without a kick, a wake-up and an eventfd read.  Backends that can be polled
