@@ -401,6 +401,8 @@ class TaskSample:
     wait_ns: int  # time runnable, waiting for a CPU
     slices: int  # times it was put on a CPU
     cpu: int  # the CPU it last ran on
+    utime: int = 0  # clock ticks in user mode
+    stime: int = 0  # clock ticks in the kernel
 
 
 def task_sample(stat: str, schedstat: str) -> TaskSample:
@@ -408,7 +410,7 @@ def task_sample(stat: str, schedstat: str) -> TaskSample:
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2 :].split()
     run, wait, slices = (int(x) for x in schedstat.split()[:3])
-    return TaskSample(comm, run, wait, slices, int(fields[36]))
+    return TaskSample(comm, run, wait, slices, int(fields[36]), int(fields[11]), int(fields[12]))
 
 
 def task_group(comm: str, daemon: bool) -> str:
@@ -434,25 +436,31 @@ def sched_report(
 ) -> str:
     """Where the guest's CPUs went over a window: per group of tasks (keyed by task
     id, each with its group), CPU time and run-queue wait as a share of the window
-    and per I/O, and times put on a CPU per I/O; per CPU, the /proc/stat shares.
+    and per I/O, the kernel's share of that CPU time (stime over utime + stime, in clock
+    ticks), and times put on a CPU per I/O; per CPU, the /proc/stat
+    shares.
     Tasks that started during the window count from zero; tasks that ended are lost."""
     rows: dict[str, list[float]] = {}
     for tid, (group, new) in after.items():
         old = before.get(tid, (group, TaskSample(new.comm, 0, 0, 0, new.cpu)))[1]
-        row = rows.setdefault(group, [0.0, 0.0, 0.0])
+        row = rows.setdefault(group, [0.0, 0.0, 0.0, 0.0, 0.0])
         row[0] += new.run_ns - old.run_ns
         row[1] += new.wait_ns - old.wait_ns
         row[2] += new.slices - old.slices
+        row[3] += new.utime - old.utime
+        row[4] += new.stime - old.stime
     ios = max(ios, 1)
     out = [
         f"window {seconds:.2f} s, {ios:.0f} I/Os",
-        f"{'group':<10} {'cpu %':>7} {'cpu us/IO':>10} {'wait us/IO':>11} {'slices/IO':>10}",
+        f"{'group':<10} {'cpu %':>7} {'cpu us/IO':>10} {'kernel':>7} {'wait us/IO':>11} "
+        f"{'slices/IO':>10}",
     ]
-    for group, (run, wait, slices) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+    for group, (run, wait, slices, ut, st) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
         if run < 1e6 and wait < 1e6:
             continue  # under a millisecond: not worth a line
+        kernel = f"{100 * st / (ut + st):6.0f}%" if ut + st else "     -"
         out.append(
-            f"{group:<10} {100 * run / 1e9 / seconds:7.1f} {run / 1e3 / ios:10.1f} "
+            f"{group:<10} {100 * run / 1e9 / seconds:7.1f} {run / 1e3 / ios:10.1f} {kernel:>7} "
             f"{wait / 1e3 / ios:11.1f} {slices / ios:10.2f}"
         )
     names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")

@@ -222,7 +222,7 @@ STAT = (
 
 def test_task_sample_reads_comm_with_spaces_and_last_cpu() -> None:
     s = an.task_sample(STAT, "123456 7890 12\n")
-    assert s == an.TaskSample("fio worker", 123456, 7890, 12, 1)
+    assert s == an.TaskSample("fio worker", 123456, 7890, 12, 1, utime=150, stime=50)
 
 
 def test_task_groups() -> None:
@@ -235,7 +235,7 @@ def test_task_groups() -> None:
 
 def test_sched_report_shares_and_per_io() -> None:
     old = an.TaskSample("fio", 1_000_000_000, 0, 10, 0)
-    new = an.TaskSample("fio", 1_500_000_000, 100_000_000, 1010, 0)
+    new = an.TaskSample("fio", 1_500_000_000, 100_000_000, 1010, 0, utime=30, stime=10)
     born = an.TaskSample("kworker/0:1", 200_000_000, 0, 500, 1)
     report = an.sched_report(
         {1: ("fio", old)},
@@ -248,7 +248,8 @@ def test_sched_report_shares_and_per_io() -> None:
     lines = report.splitlines()
     fio = next(line for line in lines if line.startswith("fio"))
     # 0.5 s of CPU in a 1 s window: 50%, 500 us per I/O; 100 us waiting; 1 slice per I/O
-    assert fio.split() == ["fio", "50.0", "500.0", "100.0", "1.00"]
+    # a quarter of its ticks in the kernel
+    assert fio.split() == ["fio", "50.0", "500.0", "25%", "100.0", "1.00"]
     kw = next(line for line in lines if line.startswith("kworker"))
-    assert kw.split()[1:3] == ["20.0", "200.0"]  # started in the window: counted from 0
+    assert kw.split()[1:4] == ["20.0", "200.0", "-"]  # started in the window: from 0
     assert "cpu0: user 50% nice 0% system 25% idle 25%" in report
