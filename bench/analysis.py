@@ -473,6 +473,25 @@ def sched_report(
     return "\n".join(out) + "\n"
 
 
+def switch_cost_table(lines: Iterable[str]) -> str:
+    """bench/switch_cost.py's table: from ``MODE PAGES US`` lines (one per run), the
+    median microseconds per round trip per page count for threads and for processes,
+    and the difference (what the address-space switches cost)."""
+    runs: dict[tuple[str, int], list[float]] = {}
+    for line in lines:
+        mode, pages, us = line.split()
+        runs.setdefault((mode, int(pages)), []).append(float(us))
+    out = [f"{'pages':>6} {'threads us':>11} {'processes us':>13} {'difference us':>14}"]
+    for pages in sorted({p for _, p in runs}):
+        thread = median(runs.get(("thread", pages), []))
+        proc = median(runs.get(("proc", pages), []))
+        diff = proc - thread if thread is not None and proc is not None else None
+        out.append(
+            f"{pages:>6} {_fmt(thread, '.1f'):>11} {_fmt(proc, '.1f'):>13} {_fmt(diff, '.1f'):>14}"
+        )
+    return "\n".join(out) + "\n"
+
+
 def add_cell_options(p: argparse.ArgumentParser, repeat: int) -> None:
     """The options bench/profile_cell.py and its in-guest half share: one cell, the
     profiling tool, the daemon's environment and the A/B variants."""

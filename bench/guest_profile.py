@@ -74,6 +74,7 @@ def sched_window(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float
     """Run fio with a snapshot of every task's scheduler counters one second in and one
     second before the end: (fio stdout, daemon CPU seconds, the report)."""
     t0 = cpu_ticks(pid)
+    g0 = guest_cpu()
     fio = subprocess.Popen(
         an.fio_args(dev, ns.rw, ns.depth, ns.queues, ns.runtime),
         stdout=subprocess.PIPE,
@@ -84,6 +85,8 @@ def sched_window(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float
     time.sleep(max(ns.runtime - 2, 1))
     c1, s1, w1 = per_cpu(), task_snapshot(pid), time.monotonic()
     stdout, _ = fio.communicate()
+    delta = [b - a for a, b in zip(g0, guest_cpu(), strict=True)]
+    LAST_IDLE[0] = sum(delta[i] for i in IDLE_COLUMNS) / max(sum(delta), 1)
     res = an.parse_fio(an.extract_json(stdout), ns.rw)
     report = an.sched_report(s0, s1, w1 - w0, res.iops * (w1 - w0), c0, c1)
     return stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK"), report

@@ -253,3 +253,14 @@ def test_sched_report_shares_and_per_io() -> None:
     kw = next(line for line in lines if line.startswith("kworker"))
     assert kw.split()[1:4] == ["20.0", "200.0", "-"]  # started in the window: from 0
     assert "cpu0: user 50% nice 0% system 25% idle 25%" in report
+
+
+def test_switch_cost_table_medians_and_difference() -> None:
+    lines = [
+        "thread 0 18.0", "proc 0 60.0", "proc 0 64.0", "thread 0 20.0", "thread 0 19.0",
+        "proc 0 70.0", "thread 256 23.0", "proc 256 117.5",
+    ]  # fmt: skip
+    rows = an.switch_cost_table(lines).splitlines()
+    assert rows[1].split() == ["0", "19.0", "64.0", "45.0"]
+    assert rows[2].split() == ["256", "23.0", "117.5", "94.5"]
+    assert an.switch_cost_table(["proc 16 5.0"]).splitlines()[1].split() == ["16", "-", "5.0", "-"]
