@@ -167,10 +167,16 @@ def resubmitted(log_text: str) -> int:
     return sum(int(n) for n in re.findall(r"resubmitting (\d+) request\(s\)", log_text))
 
 
-def wait_resubmitted(daemon: Daemon) -> int:
-    """Requests the reattached daemon served again, once every queue that resumed with
-    requests in flight has logged their resubmission (a queue worker logs it from its own
-    process, after the daemon's "reattached")."""
+def wait_resubmitted(daemon: Daemon, queues: int) -> int:
+    """Requests the reattached daemon served again, once each of its ``queues`` queues
+    has logged where it resumes and every queue that resumed with requests in flight has
+    logged their resubmission (a queue worker logs both from its own process, after the
+    daemon's "reattached", so its lines can come late)."""
+    helpers.wait_for(
+        lambda: len(set(re.findall(r"queue (\d+) resumes at", daemon.text()))) >= queues,
+        30,
+        f"{queues} queues to log where they resume",
+    )
     found = re.findall(r"(\d+) request\(s\) in flight", daemon.text())
     expected = sum(int(n) for n in found)
     helpers.wait_for(
@@ -310,7 +316,7 @@ def test_kill9_during_verified_writes_three_times(tmp_path: Path) -> None:
                 )
                 t0 = time.monotonic()
                 daemons.append(restart(args, name, tmp_path / f"d{round_}.log", env))
-                again = wait_resubmitted(daemons[-1])
+                again = wait_resubmitted(daemons[-1], queues=2)
                 print(
                     f"crash {round_}: {killed} request(s) in flight, {again} resubmitted, "
                     f"back after {time.monotonic() - t0:.1f} s"
