@@ -189,19 +189,23 @@ def extract_json(text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- /proc
 
 
-def cpu_ticks_from_stat(stat: str) -> tuple[int, int]:
-    """(utime+stime, cutime+cstime) in clock ticks from a /proc/PID/stat line.
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after the command name, from field 3 (state)
+    on.  The command name (field 2) may hold spaces and parentheses: split after the
+    last ')'."""
+    return stat[stat.rindex(")") + 2 :].split()
 
-    The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    """
-    rest = stat[stat.rindex(")") + 2 :].split()
+
+def cpu_ticks_from_stat(stat: str) -> tuple[int, int]:
+    """(utime+stime, cutime+cstime) in clock ticks from a /proc/PID/stat line."""
+    rest = stat_fields(stat)
     # rest[0] is field 3 (state); utime is field 14 -> rest[11].
     utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
     return utime + stime, cutime + cstime
 
 
 def ppid_from_stat(stat: str) -> int:
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+    return int(stat_fields(stat)[1])
 
 
 def pss_kib_from_rollup(text: str) -> int:
@@ -408,7 +412,7 @@ class TaskSample:
 def task_sample(stat: str, schedstat: str) -> TaskSample:
     """Parse a task's stat and schedstat lines (proc(5): field 39 is the CPU)."""
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = stat_fields(stat)
     run, wait, slices = (int(x) for x in schedstat.split()[:3])
     return TaskSample(comm, run, wait, slices, int(fields[36]), int(fields[11]), int(fields[12]))
 

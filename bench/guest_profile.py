@@ -85,8 +85,7 @@ def sched_window(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float
     time.sleep(max(ns.runtime - 2, 1))
     c1, s1, w1 = per_cpu(), task_snapshot(pid), time.monotonic()
     stdout, _ = fio.communicate()
-    delta = [b - a for a, b in zip(g0, guest_cpu(), strict=True)]
-    LAST_IDLE[0] = sum(delta[i] for i in IDLE_COLUMNS) / max(sum(delta), 1)
+    record_idle_since(g0)
     res = an.parse_fio(an.extract_json(stdout), ns.rw)
     report = an.sched_report(s0, s1, w1 - w0, res.iops * (w1 - w0), c0, c1)
     return stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK"), report
@@ -94,6 +93,12 @@ def sched_window(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float
 
 IDLE_COLUMNS = (3, 4)  # idle, iowait
 LAST_IDLE = [0.0]  # the guest's idle share during the last fio run
+
+
+def record_idle_since(before: list[int]) -> None:
+    """LAST_IDLE: the guest's idle share since ``before`` (a `guest_cpu` reading)."""
+    delta = [b - a for a, b in zip(before, guest_cpu(), strict=True)]
+    LAST_IDLE[0] = sum(delta[i] for i in IDLE_COLUMNS) / max(sum(delta), 1)
 
 
 def run_fio(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float]:
@@ -107,9 +112,7 @@ def run_fio(ns: argparse.Namespace, pid: int, dev: str) -> tuple[str, float]:
         text=True,
         check=False,
     )
-    delta = [b - a for a, b in zip(s0, guest_cpu(), strict=True)]
-    idle = sum(delta[i] for i in IDLE_COLUMNS) / max(sum(delta), 1)
-    LAST_IDLE[0] = idle
+    record_idle_since(s0)
     return out.stdout, (cpu_ticks(pid) - t0) / os.sysconf("SC_CLK_TCK")
 
 
