@@ -575,19 +575,19 @@ async def test_slot_engine_resubmits_partial_transfers_and_reports_eof() -> None
     assert [s[1:] for s in eng.submitted] == [(OP_READ, 1000, 300), (OP_WRITE, 0, 50)]
     read_slot, write_slot = eng.submitted[0][0], eng.submitted[1][0]
     eng.submitted.clear()
-    eng._complete([(read_slot, 120), (write_slot, 50)])
+    eng._deliver([(read_slot, 120), (write_slot, 50)])
     assert results == [50]  # the write is done; the read continues
     assert [s[1:] for s in eng.submitted] == [(OP_READ, 1120, 180)]
-    eng._complete([(eng.submitted[0][0], 30)])
+    eng._deliver([(eng.submitted[0][0], 30)])
     assert [s[1:] for s in eng.submitted[1:]] == [(OP_READ, 1150, 150)]
-    eng._complete([(eng.submitted[1][0], 0)])  # EOF
+    eng._deliver([(eng.submitted[1][0], 0)])  # EOF
     assert results == [50, 150]
     # an error after a partial transfer fails the request
     eng.submitted.clear()
     eng.preadv(3, 0, [memoryview(bytearray(10))], results.append)
     await asyncio.sleep(0)
-    eng._complete([(eng.submitted[0][0], 4)])
-    eng._complete([(eng.submitted[1][0], -errno.EIO)])
+    eng._deliver([(eng.submitted[0][0], 4)])
+    eng._deliver([(eng.submitted[1][0], -errno.EIO)])
     assert results == [50, 150, -errno.EIO]
     assert sorted(eng._free) == [0, 1]
     eng._close_helper()
@@ -605,17 +605,17 @@ async def test_slot_engine_transfer_after_partial_transfers() -> None:
     await asyncio.sleep(0)
     read_slot, write_slot = eng.submitted[0][0], eng.submitted[1][0]
     eng.submitted.clear()
-    eng._complete([(read_slot, 120), (write_slot, 20)])
+    eng._deliver([(read_slot, 120), (write_slot, 20)])
     assert results == []
     assert [s[1:] for s in eng.submitted] == [(OP_READ, 1120, 180), (OP_WRITE, 20, 30)]
-    eng._complete([(eng.submitted[0][0], 0), (eng.submitted[1][0], 0)])  # EOF, full disk
+    eng._deliver([(eng.submitted[0][0], 0), (eng.submitted[1][0], 0)])  # EOF, full disk
     assert results == [0, -errno.ENOSPC]
     assert buf == b"\xff" * 120 + bytes(180)  # the rest of the read is zeroes
     eng.submitted.clear()
     eng.transfer(OP_READ, 3, 0, _split(bytearray(10), [5, 5]), 10, results.append)
     await asyncio.sleep(0)
-    eng._complete([(eng.submitted[0][0], 4)])
-    eng._complete([(eng.submitted[1][0], -errno.EIO)])
+    eng._deliver([(eng.submitted[0][0], 4)])
+    eng._deliver([(eng.submitted[1][0], -errno.EIO)])
     assert results == [0, -errno.ENOSPC, -errno.EIO]
     assert sorted(eng._free) == [0, 1]
     eng._close_helper()

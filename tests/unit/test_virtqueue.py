@@ -654,6 +654,41 @@ def test_pop_simple_respects_its_limit_and_other_lengths() -> None:
     assert [g[0] for g in q.pop_simple(2, 16, 1)] == [subs[2].head]
 
 
+def test_pop_simple_says_whether_it_drained_the_ring() -> None:
+    """simple_drained: every entry the driver had made available was taken (so that a
+    polling device can skip the empty pop_batch); not after a limit or another shape."""
+    d = FakeDriver(8)
+    q = d.queue(indirect=True)
+    assert q.pop_simple(8, 16, 1) == [] and q.simple_drained  # empty ring
+    for _ in range(3):
+        d.add_chain([b"h" * 16], [512, 1], indirect=True)
+    assert len(q.pop_simple(2, 16, 1)) == 2 and not q.simple_drained  # one left
+    assert len(q.pop_simple(2, 16, 1)) == 1 and q.simple_drained
+    d.add_chain([b"h" * 16], [512, 1], indirect=True)
+    d.add_chain([b"h" * 16, b"d" * 512], [1])  # direct: another shape
+    assert len(q.pop_simple(8, 16, 1)) == 1 and not q.simple_drained
+    assert q.pop_simple(8, 16, 1) == [] and not q.simple_drained  # the direct one is next
+
+
+def test_pop_simple_forgets_its_region_when_the_memory_removes_regions() -> None:
+    """pop_simple keeps the region of its last call; after remove_range (an IOTLB
+    update) it looks the region up again, and views the new mapping."""
+    d = FakeDriver(8)
+    q = d.queue(indirect=True)
+    first = d.add_chain([b"h" * 16], [512, 1], indirect=True)
+    (chain,) = q.pop_simple(8, 16, 1)
+    assert chain[0] == first.head and chain[1].obj is d.data_region
+    # The data region is replaced by another buffer at the same IOVA, same content.
+    moved = bytearray(d.data_region)
+    [old] = d.memory.remove_range(d.data_base, d.data_base)
+    old.view.release()
+    d.memory.add_region(d.data_base, moved)
+    d.data_region = moved
+    second = d.add_chain([b"h" * 16], [512, 1], indirect=True)
+    (chain,) = q.pop_simple(8, 16, 1)
+    assert chain[0] == second.head and chain[1].obj is moved
+
+
 def test_pop_simple_leaves_faults_to_pop_batch() -> None:
     """A head in flight, or a table outside memory: nothing consumed, pop raises."""
     d = FakeDriver(8)

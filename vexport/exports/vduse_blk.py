@@ -194,19 +194,11 @@ class VduseBlkExport(BlockExport):
         vq = queue.vq
         if vq is None or self._stopping:
             return
-        node = self.node
-        parse = self.blk.parse
-        parse_simple = self.blk.parse_simple
-        execute = self.blk.execute
-        done = self._done
-        generation = queue.generation
-        user = (queue, generation)
-        qlog = queue.log
-        popped = qlog.popped if qlog is not None else None
-        first_len, last_len = blk.SIMPLE_SHAPE
-        batch = self.BATCH
-        preadv = node.preadv
-        pwritev = node.pwritev
+        context = queue.type_data
+        if context is None or context[0] != queue.generation:
+            context = queue.type_data = self._kick_context(queue)
+        (generation, user, node, parse_simple, preadv, pwritev, done, execute, qlog,
+         first_len, last_len, batch) = context  # fmt: skip
         node.plug()
         try:
             while True:
@@ -237,6 +229,8 @@ class VduseBlkExport(BlockExport):
                         execute(req, node, done)
                     if len(simple) == batch:
                         continue
+                if vq.simple_drained and vq.kicks_suppressed:
+                    break  # nothing else is there, and no kick to re-arm while polling
                 try:
                     chains = vq.pop_batch(1)
                 except VirtqueueError as err:
@@ -248,17 +242,17 @@ class VduseBlkExport(BlockExport):
                         log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                         continue
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
-                    if popped is not None:
-                        popped(err.head)
+                    if qlog is not None:
+                        qlog.popped(err.head)
                     self._fail_malformed(queue, generation, err.head)
                     continue
                 if not chains:
                     break  # empty, kicks re-armed
                 chain = chains[0]
-                if popped is not None:
-                    popped(chain.head)
+                if qlog is not None:
+                    qlog.popped(chain.head)
                 try:
-                    req = parse(chain)
+                    req = self.blk.parse(chain)
                 except BlkRequestError as err:
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                     self._fail_malformed(queue, generation, chain.head)
@@ -268,6 +262,25 @@ class VduseBlkExport(BlockExport):
                 execute(req, node, done)
         finally:
             node.unplug()
+
+    def _kick_context(self, queue: VduseQueue) -> tuple[Any, ...]:
+        """What `on_kick` uses, looked up once per queue start (``queue.generation``)
+        instead of on every kick: at queue depth 1 every kick serves one request."""
+        node = self.node
+        blk_ = self.blk
+        return (
+            queue.generation,
+            (queue, queue.generation),  # each request's ``user``
+            node,
+            blk_.parse_simple,
+            node.preadv,
+            node.pwritev,
+            self._done,
+            blk_.execute,
+            queue.log,
+            *blk.SIMPLE_SHAPE,
+            self.BATCH,
+        )
 
     def _fail_malformed(self, queue: VduseQueue, generation: int, head: int) -> None:
         """Complete a chain that failed validation: IOERR in its status byte when one

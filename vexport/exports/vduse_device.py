@@ -142,6 +142,9 @@ class VduseQueue:
         self.saved_avail_idx = 0
         self.log: QueueLog | None = None
         self.worker: queue_worker.WorkerHandle | None = None  # served by a worker process
+        # Free for the device type: what it looked up for this queue (the data path
+        # checks it against ``generation``).
+        self.type_data: Any = None
 
     @property
     def running(self) -> bool:

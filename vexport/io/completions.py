@@ -28,19 +28,24 @@ Hook = Callable[[], None]
 Done = Callable[[int], object]
 
 _hooks: list[Hook] = []
+_hooks_snapshot: tuple[Hook, ...] = ()  # what end() runs (a hook may remove itself)
 _depth = 0
 _in_batch_deferred: list[tuple[Done, int]] = []
 _pollers: list[Callable[[], bool]] = []
 
 
 def add_hook(hook: Hook) -> None:
+    global _hooks_snapshot
     if hook not in _hooks:
         _hooks.append(hook)
+        _hooks_snapshot = tuple(_hooks)
 
 
 def remove_hook(hook: Hook) -> None:
+    global _hooks_snapshot
     if hook in _hooks:
         _hooks.remove(hook)
+        _hooks_snapshot = tuple(_hooks)
 
 
 def add_poller(poller: Callable[[], bool]) -> None:
@@ -84,7 +89,7 @@ def end() -> None:
             _call_each(batch)
     _depth -= 1
     if _depth == 0:
-        for hook in list(_hooks):
+        for hook in _hooks_snapshot:
             try:
                 hook()
             except Exception:
@@ -112,8 +117,12 @@ def _report(e: Exception) -> None:
 
 def deliver(batch: list[tuple[Done, int]]) -> None:
     """Run ``done(ret)`` for every pair, as one batch."""
-    if _depth:  # inside a batch already: it closes later
-        _call_each(batch)
+    if _depth:  # inside a batch already: it closes later (_call_each, inlined)
+        for done, ret in batch:
+            try:
+                done(ret)
+            except Exception as e:
+                _report(e)
         return
     begin()
     try:
@@ -160,8 +169,9 @@ def defer(loop: asyncio.AbstractEventLoop, done: Done, ret: int) -> None:
 def reset_after_fork() -> None:
     """In a forked queue worker: drop the parent's hooks, pollers and pending batches
     (they belong to the parent's device and engines and its event loop)."""
-    global _depth
+    global _depth, _hooks_snapshot
     _hooks.clear()
+    _hooks_snapshot = ()
     _pollers.clear()
     _in_batch_deferred.clear()
     _deferred.clear()

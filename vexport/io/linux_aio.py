@@ -142,10 +142,13 @@ class LinuxAioEngine(SlotEngine):
         pending = self._pending
         if not pending:
             return  # nothing submitted: nothing new to look for in the ring either
+        ptrs = self._ptrs
         while pending:
             n = len(pending)
-            ptrs = self._ptrs
-            self._iocbpp[0:n] = [ptrs[s] for s in pending]
+            if n == 1:  # the usual case at queue depth 1: no list built
+                self._iocbpp[0] = ptrs[pending[0]]
+            else:
+                self._iocbpp[0:n] = [ptrs[s] for s in pending]
             try:
                 k = self._sys.submit(n, self._iocbpp)
             except OSError as e:

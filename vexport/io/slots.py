@@ -201,41 +201,39 @@ class SlotEngine:
     _completing = False  # inside _deliver: a poll or submission meanwhile does not reap
 
     def _deliver(self, events: list[tuple[int, int]]) -> None:
-        """Run the completions of ``events``; while they run, the engine's own ring
-        polls (after a submission, or `completions.poll`) do not deliver nested."""
+        """Dispatch ``(slot, result)`` pairs, resubmitting partial transfers.  While the
+        callbacks run, the engine's own ring polls (after a submission, or
+        `completions.poll`) do not deliver nested."""
         self._completing = True
         try:
-            self._complete(events)
+            inflight = self._inflight
+            free = self._free
+            calls: list[tuple[Done, int]] = []
+            for slot, res in events:
+                entry = inflight[slot]
+                inflight[slot] = None
+                free.append(slot)
+                if entry is None:
+                    continue
+                done, op, fd, offset, arg, expect, acc, _keep, full = entry
+                if res >= expect:  # everything (reads and writes), or any other op's success
+                    calls.append((done, 0 if full else res + acc))
+                    continue
+                if res > 0 and op <= OP_WRITE:
+                    rest = iov_advance(arg, res)
+                    self._waiting.append((op, fd, offset + res, rest, done, acc + res, full))
+                    continue
+                if full:
+                    calls.append((done, full_result(op, arg, expect, res)))
+                else:
+                    calls.append((done, res + acc if res >= 0 else res))
+            if self._waiting:
+                self._fill_from_waiting()
+            completions.deliver(calls)
+            if not self._plugged:
+                self._flush()
         finally:
             self._completing = False
-
-    def _complete(self, events: list[tuple[int, int]]) -> None:
-        """Dispatch ``(slot, result)`` pairs, resubmitting partial transfers."""
-        inflight = self._inflight
-        free = self._free
-        calls: list[tuple[Done, int]] = []
-        for slot, res in events:
-            entry = inflight[slot]
-            inflight[slot] = None
-            free.append(slot)
-            if entry is None:
-                continue
-            done, op, fd, offset, arg, expect, acc, _keep, full = entry
-            if res >= expect:  # everything (reads and writes), or any other op's success
-                calls.append((done, 0 if full else res + acc))
-                continue
-            if res > 0 and op <= OP_WRITE:
-                rest = iov_advance(arg, res)
-                self._waiting.append((op, fd, offset + res, rest, done, acc + res, full))
-                continue
-            if full:
-                calls.append((done, full_result(op, arg, expect, res)))
-            else:
-                calls.append((done, res + acc if res >= 0 else res))
-        self._fill_from_waiting()
-        completions.deliver(calls)
-        if not self._plugged:
-            self._flush()
 
     def _close_helper(self) -> None:
         self.closed = True

@@ -132,7 +132,10 @@ class Submitter:
 
         Returns how many the kernel accepted; raises OSError if it took none.
         """
-        return _check(_syscall(self._nr_submit, self._ctx, self._count(n), iocbpp))
+        counts = self._counts
+        count = counts[n] if n < len(counts) else self._count(n)
+        ret = _syscall(self._nr_submit, self._ctx, count, iocbpp)
+        return ret if ret >= 0 else _check(ret)
 
     def _count(self, n: int) -> Any:
         counts = self._counts

@@ -82,6 +82,8 @@ class RegionMemory:
         self._regions: list[Region] = []
         self._last: Region | None = None
         self._fault = fault
+        # Bumped whenever regions are removed: a cached Region is valid while it stays.
+        self.epoch = 0
 
     @property
     def regions(self) -> list[Region]:
@@ -116,6 +118,7 @@ class RegionMemory:
         self._regions = keep
         self._starts = [r.start for r in keep]
         self._last = None
+        self.epoch += 1
         return removed
 
     def _find(self, iova: int) -> Region | None:

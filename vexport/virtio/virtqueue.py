@@ -113,15 +113,22 @@ MAX_QUEUE_SIZE = 32768
 _IOVA_LIMIT = 1 << 64
 _MAX_CHAIN_BYTES = 0xFFFFFFFF
 _EMPTY_VIEW = memoryview(b"")
+# Module-level aliases for the hot paths (a global load, no attribute look-up).
+_u16_at = U16.unpack_from
+_desc_at = DESC.unpack_from
+_desc3_at = DESC3.unpack_from
 
 
 _fence_lock = threading.Lock()
+_fence_acquire = _fence_lock.acquire
+_fence_release = _fence_lock.release
 
 
 def full_fence() -> None:
-    """A full memory barrier (see the module docstring)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    """A full memory barrier (see the module docstring).  The hot paths inline it as
+    ``_fence_acquire(); _fence_release()``."""
+    _fence_acquire()
+    _fence_release()
 
 
 def desc_table_size(size: int) -> int:
@@ -225,6 +232,11 @@ class SplitQueue:
         self._inflight_count = 0
         self._pending_error: VirtqueueError | None = None
         self._kicks_suppressed = False
+        # pop_simple: whether its last call consumed every entry the driver had made
+        # available (then an empty pop_batch would find nothing either), and the region
+        # it read from, with the memory's epoch (RegionMemory.epoch) at that time.
+        self.simple_drained = False
+        self._simple_region: tuple[int, memoryview, int, int] = (-1, _EMPTY_VIEW, 0, 0)
         self._signalled_used = 0
         self._signalled_valid = False
         self._desc = self._avail = self._used = self._used16 = memoryview(b"")
@@ -260,6 +272,7 @@ class SplitQueue:
         """Drop the ring views (so that the memory behind them can be unmapped)."""
         for view in (self._used16, self._desc, self._avail, self._used):
             view.release()
+        self._simple_region = (-1, _EMPTY_VIEW, 0, 0)
 
     # -- state -----------------------------------------------------------------------
 
@@ -270,6 +283,11 @@ class SplitQueue:
     @property
     def used_idx(self) -> int:
         return self._used_idx
+
+    @property
+    def kicks_suppressed(self) -> bool:
+        """The device polls: `suppress_kicks` asked the driver not to kick."""
+        return self._kicks_suppressed
 
     @property
     def error_pending(self) -> bool:
@@ -342,46 +360,46 @@ class SplitQueue:
         and it never re-arms kicks: an empty result does not mean an empty ring.
         A chain it returns is the one `pop_batch` would have returned (same checks).
         """
-        if self._pending_error is not None or not self.indirect:
+        self.simple_drained = False
+        if self._pending_error is not None or not self.indirect or self._region_at is None:
             return []
+        avail = self._avail
         last = self._last_avail
-        n = (U16.unpack_from(self._avail, 2)[0] - last) & 0xFFFF
+        n = (_u16_at(avail, 2)[0] - last) & 0xFFFF
+        if n == 0:
+            self.simple_drained = True
+            return []
         size = self.size
         if n > size:
             return []  # AvailIndexRunAhead: pop_batch raises it
+        seen = n
         if n > max_chains:
             n = max_chains
-        if n == 0:
-            return []
-        avail = self._avail
         desc = self._desc
         inflight = self._inflight
         mask = self._mask
-        desc_unpack = DESC.unpack_from
-        table_unpack = DESC3.unpack_from
-        head_unpack = U16.unpack_from
-        region_at = self._region_at
-        if region_at is None:
-            return []
-        view = _EMPTY_VIEW
-        start = end = 0
+        # The region of the previous call, while the memory removed no region since.
+        epoch, view, start, end = self._simple_region
+        if epoch != self.memory.epoch:  # type: ignore[attr-defined]
+            view = _EMPTY_VIEW
+            start = end = 0
         out: list[SimpleChain] = []
-        append = out.append
+        add = out.append
         for i in range(n):
-            head = head_unpack(avail, 4 + 2 * ((last + i) & mask))[0]
+            head = _u16_at(avail, 4 + 2 * ((last + i) & mask))[0]
             if head >= size or inflight[head]:
                 break
-            addr, length, flags, _nxt = desc_unpack(desc, head << 4)
+            addr, length, flags, _nxt = _desc_at(desc, head << 4)
             if flags != VRING_DESC_F_INDIRECT or length != 48:
                 break
             if not start <= addr <= end - 48:
-                region = region_at(addr)
+                region = self._region_at(addr)
                 if region is None or region.perm != PERM_RW:
                     break
                 view, start, end = region.view, region.start, region.end
                 if addr > end - 48:
                     break
-            a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _n2 = table_unpack(view, addr - start)
+            a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _n2 = _desc3_at(view, addr - start)
             if (
                 f0 != VRING_DESC_F_NEXT
                 or n0 != 1
@@ -401,11 +419,13 @@ class SplitQueue:
             ):
                 break
             inflight[head] = 1
-            append((head, view, a0 - start, a1 - start, l1, f1 != VRING_DESC_F_NEXT, a2 - start))
+            add((head, view, a0 - start, a1 - start, l1, f1 != VRING_DESC_F_NEXT, a2 - start))
         k = len(out)
         if k:
             self._last_avail = (last + k) & 0xFFFF
             self._inflight_count += k
+            self._simple_region = (self.memory.epoch, view, start, end)  # type: ignore[attr-defined]
+            self.simple_drained = k == seen
         return out
 
     def _rearm(self) -> bool:
@@ -638,7 +658,8 @@ class SplitQueue:
             return False
         self._signalled_used = new
         self._signalled_valid = True
-        full_fence()
+        _fence_acquire()  # full_fence(), inlined
+        _fence_release()
         avail = self._avail
         if (
             self.notify_on_empty
