@@ -306,8 +306,9 @@ class VduseBlkExport(BlockExport):
                 queue.device.schedule_notify(queue)
         self._inflight -= 1
         if self._inflight == 0:
-            if self.device is not None:
-                self.device.collect_retired()
+            device = self.device
+            if device is not None and device.retired:
+                device.collect_retired()
             if self._drained is not None:
                 self._drained.set()
 

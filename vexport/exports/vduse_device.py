@@ -214,7 +214,8 @@ class VduseDevice:
         self.status = 0
         self.features = 0
         self.memory = RegionMemory(fault=self._fault)
-        self._retired: list[mmap.mmap] = []
+        # Mappings removed from the memory, closed once no request holds a view into them.
+        self.retired: list[mmap.mmap] = []
         self._mmaps: dict[int, mmap.mmap] = {}  # region start -> mapping
         self._notify_pending: list[VduseQueue] = []
         self._notify_scheduled = False
@@ -774,7 +775,7 @@ class VduseDevice:
             return
         pending, self._notify_pending = self._notify_pending, []
         for queue in pending:
-            if not queue.flush():
+            if not queue.flush():  # pushes the batch; False: no interrupt due
                 continue
             try:
                 self.dev.vq_inject_irq(queue.index)
@@ -836,20 +837,20 @@ class VduseDevice:
             mapping = self._mmaps.pop(region.start, None)
             region.view.release()
             if mapping is not None:
-                self._retired.append(mapping)
+                self.retired.append(mapping)
         self.collect_retired()
 
     def collect_retired(self) -> None:
         """Unmap removed regions that no request holds a view into any more."""
-        if not self._retired:
+        if not self.retired:
             return
         still: list[mmap.mmap] = []
-        for mapping in self._retired:
+        for mapping in self.retired:
             try:
                 mapping.close()
             except BufferError:
                 still.append(mapping)
-        self._retired = still
+        self.retired = still
 
     # -- teardown ---------------------------------------------------------------------
     def inflight(self) -> int:
