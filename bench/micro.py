@@ -178,15 +178,13 @@ class Device:
             simple = vq.pop_simple(batch, first_len, last_len)
             self.inflight += len(simple)
             for sc in simple:
-                req = parse_simple(sc)
+                req = parse_simple(sc, None, done)
                 if req.status is None:
                     kind = req.type
                     if kind == blk.VIRTIO_BLK_T_IN:
-                        req.done = done
                         preadv(req.offset, req.iov, req)
                         continue
                     if kind == blk.VIRTIO_BLK_T_OUT:
-                        req.done = done
                         pwritev(req.offset, req.iov, req)
                         continue
                 execute(req, backend, done)  # type: ignore[arg-type]

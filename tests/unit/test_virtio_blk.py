@@ -436,3 +436,38 @@ def test_async_completion_uses_request_as_callback() -> None:
     assert h.completed == [] and pending == [req]
     pending[0](512)
     assert h.completed == [(req, 513)] and h.d.writable_data(sub)[-1] == 0
+
+
+def test_parse_simple_stores_user_and_done_on_both_paths() -> None:
+    """The caller's user and done are in the request whether parse_simple decoded it in
+    place (a read) or handed it to parse (a GET_ID has the same chain shape)."""
+    h = Harness()
+
+    def done(r: B.BlkRequest, n: int) -> None:
+        pass
+
+    read = h.d.add_chain([B.OUTHDR.pack(B.VIRTIO_BLK_T_IN, 0, 8)], [4096, 1], indirect=True)
+    get_id = h.d.add_chain([B.OUTHDR.pack(B.VIRTIO_BLK_T_GET_ID, 0, 0)], [20, 1], indirect=True)
+    chains = h.q.pop_simple(8, *B.SIMPLE_SHAPE)
+    assert [c[0] for c in chains] == [read.head, get_id.head]
+    fast = h.dev.parse_simple(chains[0], "user", done)
+    slow = h.dev.parse_simple(chains[1], "user", done)
+    assert (fast.type, fast.offset, fast.status) == (B.VIRTIO_BLK_T_IN, 8 * 512, None)
+    assert slow.type == B.VIRTIO_BLK_T_GET_ID
+    for req in (fast, slow):
+        assert req.user == "user" and req.done is done
+
+
+@pytest.mark.parametrize("lbs", [256, 1000, 3072])
+def test_logical_block_size_must_be_a_power_of_two_of_at_least_512(lbs: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        B.VirtioBlk(CAP, lbs)
+
+
+@pytest.mark.parametrize("sector, ok", [(8, True), (16, True), (4, False), (9, False)])
+def test_parse_simple_checks_alignment_to_the_logical_block(sector: int, ok: bool) -> None:
+    h = Harness(lbs=4096)
+    h.d.add_chain([B.OUTHDR.pack(B.VIRTIO_BLK_T_IN, 0, sector)], [4096, 1], indirect=True)
+    (chain,) = h.q.pop_simple(8, *B.SIMPLE_SHAPE)
+    req = h.dev.parse_simple(chain)
+    assert req.status == (None if ok else B.VIRTIO_BLK_S_IOERR)

@@ -214,16 +214,13 @@ class VduseBlkExport(BlockExport):
                     # is counted down) inside execute.
                     self._inflight += len(simple)
                     for sc in simple:
-                        req = parse_simple(sc)
-                        req.user = user
+                        req = parse_simple(sc, user, done)
                         if req.status is None:
                             kind = req.type
                             if kind == blk.VIRTIO_BLK_T_IN:
-                                req.done = done
                                 preadv(req.offset, req.iov, req)
                                 continue
                             if kind == blk.VIRTIO_BLK_T_OUT:
-                                req.done = done
                                 pwritev(req.offset, req.iov, req)
                                 continue
                         execute(req, node, done)

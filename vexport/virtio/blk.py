@@ -281,7 +281,14 @@ class VirtioBlk:
         serial: str | bytes = "",
         writable: bool = True,
     ) -> None:
+        if logical_block_size < SECTOR_SIZE or logical_block_size & (logical_block_size - 1):
+            raise ValueError(
+                f"logical block size {logical_block_size} is not a power of two >= 512"
+            )
         self.logical_block_size = logical_block_size
+        # A sector number aligned to the logical block has these bits clear (the block
+        # size is a power of two, checked by the export's options).
+        self._align_mask = (logical_block_size >> SECTOR_BITS) - 1
         self.capacity_sectors = capacity_bytes >> SECTOR_BITS
         raw = serial.encode() if isinstance(serial, str) else bytes(serial)
         self.id_bytes = raw[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
@@ -347,10 +354,13 @@ class VirtioBlk:
             req.status = VIRTIO_BLK_S_UNSUPP
         return req
 
-    def parse_simple(self, chain: SimpleChain) -> BlkRequest:
+    def parse_simple(
+        self, chain: SimpleChain, user: Any = None, done: DoneCallback | None = None
+    ) -> BlkRequest:
         """`parse` for a chain of the common shape (``SplitQueue.pop_simple(n,
         *SIMPLE_SHAPE)``): a read or write of a valid range is decoded in place; any
-        other request goes through `parse`, with the same result."""
+        other request goes through `parse`, with the same result.  ``user`` and
+        ``done`` are stored in the request (the caller's, set here once)."""
         head, view, first, data, data_len, data_written, last = chain
         type_, _ioprio, sector = OUTHDR.unpack_from(view, first)
         kind = type_ & ~VIRTIO_BLK_T_BARRIER
@@ -359,7 +369,7 @@ class VirtioBlk:
             kind == wanted
             and (data_written or self.writable)
             and not data_len & (SECTOR_SIZE - 1)
-            and not (sector << SECTOR_BITS) % self.logical_block_size
+            and not sector & self._align_mask
             and sector <= self.capacity_sectors
             and data_len >> SECTOR_BITS <= self.capacity_sectors - sector
         ):
@@ -376,10 +386,13 @@ class VirtioBlk:
             req.data_len = data_len if data_written else 0
             req.unmap = False
             req.used_len = 1
-            req.done = None
-            req.user = None
+            req.done = done
+            req.user = user
             return req
-        return self.parse(simple_to_chain(chain, *SIMPLE_SHAPE))
+        req = self.parse(simple_to_chain(chain, *SIMPLE_SHAPE))
+        req.user = user
+        req.done = done
+        return req
 
     def _parse_segment(
         self, req: BlkRequest, kind: int, data: list[memoryview], size: int
