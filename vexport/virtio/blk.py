@@ -287,7 +287,7 @@ class VirtioBlk:
             )
         self.logical_block_size = logical_block_size
         # A sector number aligned to the logical block has these bits clear (the block
-        # size is a power of two, checked by the export's options).
+        # size is a power of two, checked above).
         self._align_mask = (logical_block_size >> SECTOR_BITS) - 1
         self.capacity_sectors = capacity_bytes >> SECTOR_BITS
         raw = serial.encode() if isinstance(serial, str) else bytes(serial)
@@ -301,7 +301,7 @@ class VirtioBlk:
         """``length`` bytes at ``sector`` lie inside the disk, aligned (overflow safe)."""
         if length % SECTOR_SIZE:
             return False
-        if (sector << SECTOR_BITS) % self.logical_block_size:
+        if sector & self._align_mask:
             return False
         cap = self.capacity_sectors
         return sector <= cap and (length >> SECTOR_BITS) <= cap - sector
