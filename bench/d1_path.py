@@ -54,11 +54,12 @@ from vexport.exports.vduse_blk import VduseBlkExport
 from vexport.kernel import vduse as kv
 from vexport.virtio import blk
 from vexport.virtio.testing import FakeDriver
-from vexport.virtio.virtqueue import U16, USED_ELEM, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from vexport.virtio.virtqueue import U16, USED_ELEM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from micro import BLOCK, CAPACITY, write_blk_chains
 
 MiB = 1 << 20
-CAPACITY = 1 << 30
-BLOCK = 4096
 QUEUE_SIZE = 128
 BACKENDS = ("null", "native", "io_uring", "threads")
 FILE = os.environ.get("VEXPORT_MICRO_FILE", "/dev/shm/vexport-d1.img")
@@ -73,21 +74,7 @@ class OneAtATime:
         self.left = requests
         self.done = 0
         size = drv.size
-        for i in range(size):
-            sector = (i * 7919 % (CAPACITY // BLOCK)) * (BLOCK // 512)
-            kind = blk.VIRTIO_BLK_T_OUT if write else blk.VIRTIO_BLK_T_IN
-            hdr = drv.alloc(16)
-            drv.write(hdr, blk.OUTHDR.pack(kind, 0, sector))
-            data = drv.alloc(BLOCK, 4096)
-            status = drv.alloc(1)
-            table = drv.write_indirect_table(
-                [
-                    (hdr, 16, VRING_DESC_F_NEXT, 1),
-                    (data, BLOCK, (0 if write else VRING_DESC_F_WRITE) | VRING_DESC_F_NEXT, 2),
-                    (status, 1, VRING_DESC_F_WRITE, 0),
-                ]
-            )
-            drv.write_desc(i, table, 48, 4)  # VRING_DESC_F_INDIRECT
+        write_blk_chains(drv, write, 4096)
         mem = drv.memory
         region = mem.region_at(drv.desc_addr)
         assert region is not None

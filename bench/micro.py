@@ -52,6 +52,7 @@ from vexport.virtio import blk
 from vexport.virtio.blk import BlkRequest, VirtioBlk
 from vexport.virtio.testing import FakeDriver
 from vexport.virtio.virtqueue import (
+    VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     SplitQueue,
@@ -86,6 +87,28 @@ class SyncNull:
         done(0)
 
 
+def write_blk_chains(drv: FakeDriver, write: bool, data_align: int) -> None:
+    """Descriptor i of ``drv`` -> an indirect table laid out as Linux's virtio_blk does:
+    a 16-byte header (a 4 KiB read or write at a spread-out sector), 4 KiB of data
+    aligned to ``data_align``, a status byte.  Nothing is made available."""
+    kind = blk.VIRTIO_BLK_T_OUT if write else blk.VIRTIO_BLK_T_IN
+    data_flags = 0 if write else VRING_DESC_F_WRITE
+    for i in range(drv.size):
+        sector = (i * 7919 % (CAPACITY // BLOCK)) * (BLOCK // 512)
+        hdr = drv.alloc(16)
+        drv.write(hdr, blk.OUTHDR.pack(kind, 0, sector))
+        data = drv.alloc(BLOCK, data_align)
+        status = drv.alloc(1)
+        table = drv.write_indirect_table(
+            [
+                (hdr, 16, VRING_DESC_F_NEXT, 1),
+                (data, BLOCK, data_flags | VRING_DESC_F_NEXT, 2),
+                (status, 1, VRING_DESC_F_WRITE, 0),
+            ]
+        )
+        drv.write_desc(i, table, 48, VRING_DESC_F_INDIRECT)
+
+
 class Ring:
     """The driver side: one fixed indirect chain per head, recycled from used to avail."""
 
@@ -93,23 +116,8 @@ class Ring:
         data_size = size * (BLOCK + 1024) + (1 << 16)
         self.drv = FakeDriver(size, data_size=data_size)
         self.size = size
-        for i in range(size):
-            sector = (i * 7919 % (CAPACITY // BLOCK)) * (BLOCK // 512)
-            kind = blk.VIRTIO_BLK_T_OUT if write else blk.VIRTIO_BLK_T_IN
-            hdr = self.drv.alloc(16)
-            self.drv.write(hdr, blk.OUTHDR.pack(kind, 0, sector))
-            data = self.drv.alloc(BLOCK, 512)
-            status = self.drv.alloc(1)
-            data_flags = 0 if write else VRING_DESC_F_WRITE
-            table = self.drv.write_indirect_table(
-                [
-                    (hdr, 16, VRING_DESC_F_NEXT, 1),
-                    (data, BLOCK, data_flags | VRING_DESC_F_NEXT, 2),
-                    (status, 1, VRING_DESC_F_WRITE, 0),
-                ]
-            )
-            # descriptor i -> indirect table; avail entry i -> head i
-            self.drv.write_desc(i, table, 48, 4)
+        write_blk_chains(self.drv, write, 512)
+        for i in range(size):  # avail entry i -> head i
             self.drv.put_avail(i, publish=False)
         self.drv.publish()
         self.ring = self.drv.ring_region
