@@ -4,6 +4,7 @@
     .venv/bin/python bench/d1_path.py --backend native --rw write --requests 50000
     .venv/bin/python bench/d1_path.py --backend native --profile   # cProfile, calls/request
     .venv/bin/python bench/d1_path.py --guest --checkout /root/wt-base --checkout /work/main
+    .venv/bin/python bench/d1_path.py --depth 32     # 32 in flight, replaced per interrupt
 
 At queue depth 1 every step of a request is on its latency path, and in the test guest
 (QEMU TCG) each Python call costs tens of times what it does here.  `bench/micro.py`
@@ -14,6 +15,9 @@ request in flight: when the device injects an interrupt, the driver takes the us
 entry, sets ``used_event`` as Linux's virtio ring does, and makes the next request
 available.  The device finds it while polling (as in the guest at depth 1: no kick),
 so a run is one kick followed by ``--requests`` requests served in the poll loop.
+``--depth N`` keeps N requests in flight instead: the driver makes each interrupt's
+completions available again at once, as fio does, so that at depth 32 the device serves
+32 requests per pass (the lock-step of the guest's one-queue depth-32 cells).
 
 Reported per backend: CPU microseconds per request (``time.process_time``, the driver's
 few struct operations included), and with ``--profile`` the function calls per request
@@ -66,11 +70,13 @@ FILE = os.environ.get("VEXPORT_MICRO_FILE", "/dev/shm/vexport-d1.img")
 DRIVER_OK = 0xF  # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
 
 
-class OneAtATime:
-    """The driver: one indirect chain per head, one request in flight at a time."""
+class InFlight:
+    """The driver: one indirect chain per head, ``depth`` requests in flight; each
+    interrupt's completions are replaced at once (fio's way at queue depth N)."""
 
-    def __init__(self, drv: FakeDriver, write: bool, requests: int) -> None:
+    def __init__(self, drv: FakeDriver, write: bool, requests: int, depth: int) -> None:
         self.drv = drv
+        self.depth = depth
         self.left = requests
         self.done = 0
         size = drv.size
@@ -86,17 +92,22 @@ class OneAtATime:
         self.avail_idx = 0
         self.last_used = 0
 
-    def post(self) -> None:
-        """Make the next request available (head = avail index modulo the size)."""
+    def post(self, n: int) -> None:
+        """Make the next ``n`` requests available (head = avail index modulo the size;
+        with at most ``depth`` <= size / 2 in flight, a head is free when it comes up
+        again), then publish the avail index once."""
         i = self.avail_idx
-        U16.pack_into(self.view, self.avail + 4 + 2 * (i % self.size), i % self.size)
-        self.avail_idx = i = (i + 1) & 0xFFFF
+        for _ in range(n):
+            U16.pack_into(self.view, self.avail + 4 + 2 * (i % self.size), i % self.size)
+            i = (i + 1) & 0xFFFF
+        self.avail_idx = i
         U16.pack_into(self.view, self.avail + 2, i)
-        self.left -= 1
+        self.left -= n
 
     def on_interrupt(self, index: int) -> None:
         view = self.view
         used_idx = U16.unpack_from(view, self.used + 2)[0]
+        freed = 0
         while self.last_used != used_idx:
             slot = self.last_used % self.size
             head, length = USED_ELEM.unpack_from(view, self.used + 4 + 8 * slot)
@@ -104,9 +115,9 @@ class OneAtATime:
                 raise AssertionError(f"used length {length} for head {head}")
             self.last_used = (self.last_used + 1) & 0xFFFF
             self.done += 1
+            freed += 1
         U16.pack_into(view, self.used_event, self.last_used)  # virtqueue_enable_cb
-        if self.left > 0:
-            self.post()
+        self.post(min(freed, self.left))
 
 
 def node_options(backend: str) -> dict[str, Any]:
@@ -121,8 +132,10 @@ def node_options(backend: str) -> dict[str, Any]:
     return options
 
 
-async def run(backend: str, write: bool, requests: int, profile: cProfile.Profile | None) -> float:
-    """CPU seconds for ``requests`` requests at depth 1 through the export."""
+async def run(
+    backend: str, write: bool, requests: int, depth: int, profile: cProfile.Profile | None
+) -> float:
+    """CPU seconds for ``requests`` requests at queue depth ``depth`` through the export."""
     mem = MemfdMemory(8 * MiB)
     kernel = FakeKernel(mem)
     drv = FakeDriver(QUEUE_SIZE, memory=mem, ring_base=0x1000, data_base=MiB, data_size=4 * MiB)
@@ -151,9 +164,9 @@ async def run(backend: str, write: bool, requests: int, profile: cProfile.Profil
             rid = fd.send(kv.VDUSE_SET_STATUS, DRIVER_OK)
             while rid not in fd.responses:
                 await asyncio.sleep(0.001)
-            driver = OneAtATime(drv, write, requests)
+            driver = InFlight(drv, write, requests, depth)
             fd.vq_inject_irq = driver.on_interrupt  # type: ignore[method-assign]
-            driver.post()
+            driver.post(min(depth, requests))
             t0 = time.process_time()
             if profile is not None:
                 profile.enable()
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
     p.add_argument("--rw", choices=("read", "write"), default="read")
     p.add_argument("--requests", type=int, default=30000)
+    p.add_argument("--depth", type=int, default=1, help="requests in flight (<= 64)")
     p.add_argument("--repeat", type=int, default=3, help="runs per backend; the median is shown")
     p.add_argument("--profile", action="store_true", help="one more run under cProfile")
     p.add_argument("--top", type=int, default=20)
@@ -186,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="with --checkout: interleaved rounds")
     p.add_argument("--guest", action="store_true", help="run this command in the test guest")
     args = p.parse_args(argv)
+    if not 1 <= args.depth <= QUEUE_SIZE // 2:
+        p.error(f"--depth must be 1 to {QUEUE_SIZE // 2}")
     kinds = ("null", "native") if args.backend == "both" else (args.backend,)
     if args.guest:
         return in_guest([a for a in (sys.argv[1:] if argv is None else argv) if a != "--guest"])
@@ -194,18 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     write = args.rw == "write"
     for kind in kinds:
         us = sorted(
-            asyncio.run(run(kind, write, args.requests, None)) / args.requests * 1e6
+            asyncio.run(run(kind, write, args.requests, args.depth, None)) / args.requests * 1e6
             for _ in range(args.repeat)
         )
         runs = " ".join(f"{u:.2f}" for u in us)
         print(
-            f"{kind:8s} {args.rw:5s} depth 1: {us[len(us) // 2]:6.2f} us CPU per request "
-            f"(median of {args.repeat}: {runs})",
+            f"{kind:8s} {args.rw:5s} depth {args.depth}: {us[len(us) // 2]:6.2f} us CPU per "
+            f"request (median of {args.repeat}: {runs})",
             flush=True,
         )
         if args.profile:
             prof = cProfile.Profile()
-            asyncio.run(run(kind, write, args.requests, prof))
+            asyncio.run(run(kind, write, args.requests, args.depth, prof))
             out = io.StringIO()
             stats = pstats.Stats(prof, stream=out)
             calls = stats.total_calls  # type: ignore[attr-defined]
@@ -224,10 +240,10 @@ def compare(args: argparse.Namespace, kinds: tuple[str, ...]) -> int:
             for kind in kinds:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--backend", kind]
                 cmd += ["--rw", args.rw, "--requests", str(args.requests)]
-                cmd += ["--repeat", str(args.repeat)]
+                cmd += ["--repeat", str(args.repeat), "--depth", str(args.depth)]
                 env = {**os.environ, "PYTHONPATH": checkout}
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-                us = float(out.stdout.split("depth 1:")[1].split()[0])
+                us = float(out.stdout.split(f"depth {args.depth}:")[1].split()[0])
                 results.setdefault((checkout, kind), []).append(us)
                 print(f"round {rnd} {checkout} {kind}: {us:.2f} us", flush=True)
     for (checkout, kind), values in results.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from vexport.errors import GenericError
 from vexport.exports.testing import FakeKernel, FakeVduseDeviceFd, MemfdMemory
 from vexport.exports.vduse_blk import VduseBlkExport
 from vexport.exports.vduse_device import VduseDevice, VduseQueue
+from vexport.io import close_engines
 from vexport.kernel import vduse as kv
 from vexport.virtio import blk
 from vexport.virtio.blk import (
@@ -549,6 +551,59 @@ async def test_blk_reset_with_requests_in_flight(
     await bguest.start()
     c = bguest.request_chain(VIRTIO_BLK_T_FLUSH)
     assert dict(await serve(bguest, 1)) == {c.head: 1}
+    await export.stop("safe")
+    graph.close_all()
+
+
+async def test_blk_simple_requests_follow_the_file_node_to_its_next_engine(
+    bguest: BlkGuest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Reads and writes of the common shape go straight to the file node's engine,
+    which the kick context keeps; once that engine is closed, the next kick takes the
+    node's new one instead of failing the request."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\x22" * MiB)
+    node = {"driver": "file", "node-name": "f0", "filename": str(img)}
+    export, graph = await make_export(bguest, monkeypatch, tmp_path, node)
+    await bguest.start()
+    r1 = bguest.request_chain(VIRTIO_BLK_T_IN, 0, in_len=4096, indirect=True)
+    assert dict(await serve(bguest, 1)) == {r1.head: 4097}
+    old = export.node.engine
+    close_engines()
+    assert old.closed
+    r2 = bguest.request_chain(VIRTIO_BLK_T_IN, 8, in_len=4096, indirect=True)
+    w = bguest.request_chain(VIRTIO_BLK_T_OUT, 16, out=b"n" * 4096, indirect=True)
+    assert dict(await serve(bguest, 2)) == {r2.head: 4097, w.head: 1}
+    assert bguest.status(r2) == bguest.status(w) == VIRTIO_BLK_S_OK
+    assert bguest.data(r2) == b"\x22" * 4096
+    assert img.read_bytes()[8192 : 8192 + 4096] == b"n" * 4096
+    assert export.node.engine is not old
+    await export.stop("safe")
+    graph.close_all()
+
+
+async def test_blk_detect_zeroes_still_sees_writes_of_the_common_shape(
+    bguest: BlkGuest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A node with detect-zeroes keeps its write path (no shortcut to the engine): a
+    zero write of the common shape punches a hole with detect-zeroes=unmap."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\x01" * MiB)
+    node = {
+        "driver": "file",
+        "node-name": "f0",
+        "filename": str(img),
+        "discard": "unmap",
+        "detect-zeroes": "unmap",
+    }
+    export, graph = await make_export(bguest, monkeypatch, tmp_path, node)
+    await bguest.start()
+    before = os.stat(img).st_blocks
+    w = bguest.request_chain(VIRTIO_BLK_T_OUT, 0, out=bytes(65536), indirect=True)
+    assert dict(await serve(bguest, 1)) == {w.head: 1}
+    assert bguest.status(w) == VIRTIO_BLK_S_OK
+    assert os.stat(img).st_blocks < before
+    assert img.read_bytes()[:65536] == bytes(65536)
     await export.stop("safe")
     graph.close_all()
 

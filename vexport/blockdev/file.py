@@ -194,6 +194,13 @@ class FileNode(BlockNode):
         self._engine = None
         super().after_fork()
 
+    def direct_io(self, write: bool) -> tuple[Any, int] | None:
+        # pwritev's other checks: a read-only node refuses writes, detect-zeroes looks at
+        # the data first.
+        if write and (self.read_only or self.detect_zeroes != "off"):
+            return None
+        return self.engine, self.fd
+
     def plug(self) -> None:
         self.engine.plug()
 

@@ -221,6 +221,13 @@ class BlockNode:
         else:
             self._write_zeroes(offset, length, unmap and self.discard_unmap, done)
 
+    def direct_io(self, write: bool) -> tuple[Any, int] | None:
+        """``(engine, fd)`` when this node's reads (``write``: writes) of a range the
+        caller has checked may go straight to ``engine.transfer(op, fd, ...)`` (and
+        ``plug``/``unplug`` to the engine's): what `preadv`/`pwritev` would do after
+        the range check.  None when the node does more (the default)."""
+        return None
+
     def plug(self) -> None:
         for child in self.children:
             child.plug()

@@ -11,6 +11,7 @@ import errno
 import logging
 import mmap
 import os
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vexport.blockdev.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
@@ -23,6 +24,7 @@ from vexport.exports.vduse_device import (
     VduseDevice,
     VduseQueue,
 )
+from vexport.io.iov import OP_READ, OP_WRITE
 from vexport.kernel import vduse as kv
 from vexport.virtio import blk
 from vexport.virtio.blk import BlkRequest, BlkRequestError, VirtioBlk
@@ -77,6 +79,46 @@ def check_vduse_blk_options(options: dict[str, Any]) -> None:
         raise GenericError(f"Invalid VDUSE device name '{name}'")
 
 
+_S_OK = blk.VIRTIO_BLK_S_OK
+_S_IOERR = blk.VIRTIO_BLK_S_IOERR
+
+
+class QueueRequest(BlkRequest):
+    """A request of a vduse-blk export; ``user`` is ``(queue, generation, export)``.
+
+    The backend's completion call ``req(ret)`` does what BlkRequest.__call__ and then
+    `VduseBlkExport._done` would, in one frame: it runs once per request."""
+
+    __slots__ = ()
+
+    def __call__(self, ret: int) -> None:
+        status = _S_OK if ret >= 0 else _S_IOERR
+        used_len = self.data_len + 1
+        self.status = status
+        self.used_len = used_len
+        self.status_view[0] = status
+        self.iov = []  # drop views into the mapped memory
+        queue, generation, export = self.user
+        # From here on a copy of VduseBlkExport._done.
+        if generation == queue.generation and queue.vq is not None:
+            completed = queue.completed
+            completed.append((self.head, used_len))
+            if len(completed) == 1:  # the first of the batch: have the batch flushed
+                queue.device.schedule_notify(queue)
+        export._inflight -= 1
+        if export._inflight == 0:
+            export._idle()
+
+
+class _NoEngine:
+    """The kick context's engine for a node without `BlockNode.direct_io`."""
+
+    closed = False
+
+
+_NO_ENGINE = _NoEngine()
+
+
 def queue_workers_enabled() -> bool:
     """Queues beyond the first in worker processes (vexport/exports/queue_worker.py)
     unless VEXPORT_WORKERS=0."""
@@ -120,6 +162,7 @@ class VduseBlkExport(BlockExport):
         self.serial: str = options.get("serial", "")
         self.device: VduseDevice | None = None
         self.blk = VirtioBlk(node.length, self.block_size, self.serial, self.writable)
+        self.blk.request_class = QueueRequest
         self._inflight = 0
         self._drained: asyncio.Event | None = None
         self._stopping = False
@@ -195,11 +238,11 @@ class VduseBlkExport(BlockExport):
         if vq is None or self._stopping:
             return
         context = queue.type_data
-        if context is None or context[0] != queue.generation:
+        if context is None or context[0] != queue.generation or context[1].closed:
             context = queue.type_data = self._kick_context(queue)
-        (generation, user, node, parse_simple, preadv, pwritev, done, execute, qlog,
-         first_len, last_len, batch) = context  # fmt: skip
-        node.plug()
+        (generation, _engine, user, node, plug, unplug, parse_simple, read, write, preadv,
+         pwritev, done, execute, qlog, first_len, last_len, batch) = context  # fmt: skip
+        plug()
         try:
             while True:
                 # The common shape, decoded in place (pop_simple), until the ring is
@@ -218,10 +261,16 @@ class VduseBlkExport(BlockExport):
                         if req.status is None:
                             kind = req.type
                             if kind == blk.VIRTIO_BLK_T_IN:
-                                preadv(req.offset, req.iov, req)
+                                if read is not None:  # parse_simple checked the range
+                                    read(req.offset, req.iov, req.length, req)
+                                else:
+                                    preadv(req.offset, req.iov, req)
                                 continue
                             if kind == blk.VIRTIO_BLK_T_OUT:
-                                pwritev(req.offset, req.iov, req)
+                                if write is not None:
+                                    write(req.offset, req.iov, req.length, req)
+                                else:
+                                    pwritev(req.offset, req.iov, req)
                                 continue
                         execute(req, node, done)
                     if len(simple) == batch:
@@ -258,18 +307,36 @@ class VduseBlkExport(BlockExport):
                 self._inflight += 1
                 execute(req, node, done)
         finally:
-            node.unplug()
+            unplug()
 
     def _kick_context(self, queue: VduseQueue) -> tuple[Any, ...]:
         """What `on_kick` uses, looked up once per queue start (``queue.generation``)
-        instead of on every kick: at queue depth 1 every kick serves one request."""
+        instead of on every kick: at queue depth 1 every kick serves one request.  For a
+        node with `BlockNode.direct_io`, reads and writes of the simple shape go
+        straight to the engine (``read``/``write``: the range is checked by
+        ``parse_simple``), and the context is remade when that engine is closed."""
         node = self.node
         blk_ = self.blk
+        engine: Any = _NO_ENGINE
+        read = write = None
+        plug, unplug = node.plug, node.unplug
+        direct = node.direct_io(False)
+        if direct is not None:
+            engine, fd = direct
+            read = partial(engine.transfer, OP_READ, fd)
+            plug, unplug = engine.plug, engine.unplug
+            if node.direct_io(True) is not None:
+                write = partial(engine.transfer, OP_WRITE, fd)
         return (
             queue.generation,
-            (queue, queue.generation),  # each request's ``user``
+            engine,
+            (queue, queue.generation, self),  # each request's ``user``
             node,
+            plug,
+            unplug,
             blk_.parse_simple,
+            read,
+            write,
             node.preadv,
             node.pwritev,
             self._done,
@@ -293,7 +360,9 @@ class VduseBlkExport(BlockExport):
             queue.complete(generation, head, 0)
 
     def _done(self, req: BlkRequest, used_len: int) -> None:
-        queue, generation = req.user
+        """A request completed (`BlkRequest.complete`; the backend's ``req(ret)`` runs
+        QueueRequest.__call__, which copies this)."""
+        queue, generation, _export = req.user
         req.iov = []  # drop views into the mapped memory
         # queue.complete, inlined (once per request)
         if generation == queue.generation and queue.vq is not None:
@@ -303,11 +372,15 @@ class VduseBlkExport(BlockExport):
                 queue.device.schedule_notify(queue)
         self._inflight -= 1
         if self._inflight == 0:
-            device = self.device
-            if device is not None and device.retired:
-                device.collect_retired()
-            if self._drained is not None:
-                self._drained.set()
+            self._idle()
+
+    def _idle(self) -> None:
+        """No request is in flight any more."""
+        device = self.device
+        if device is not None and device.retired:
+            device.collect_retired()
+        if self._drained is not None:
+            self._drained.set()
 
     def on_queues_stopped(self) -> None:
         pass
@@ -340,7 +413,7 @@ class VduseBlkExport(BlockExport):
                     log.warning("vduse-blk %s: queue %d: %s", self.id, queue.index, err)
                     self._fail_malformed(queue, generation, chain.head)
                     continue
-                req.user = (queue, generation)
+                req.user = (queue, generation, self)
                 self._inflight += 1
                 self.blk.execute(req, self.node, self._done)
         finally:

@@ -603,6 +603,7 @@ class VduseDevice:
         self._notify_pending = []
         self._notify_scheduled = False
         for other in self.queues:
+            other.type_data = None  # may hold the daemon's engines
             if other.worker is not None:  # another worker's socket, inherited
                 other.worker.sock.close()
                 other.worker = None
@@ -763,7 +764,7 @@ class VduseDevice:
     # -- interrupts -------------------------------------------------------------------
     def schedule_notify(self, queue: VduseQueue) -> None:
         self._notify_pending.append(queue)
-        if completions.in_batch():
+        if completions._depth:  # completions.in_batch(), inlined (once per batch)
             return  # flushed by the end-of-batch hook, in this loop iteration
         if not self._notify_scheduled:
             self._notify_scheduled = True

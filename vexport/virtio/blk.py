@@ -293,6 +293,9 @@ class VirtioBlk:
         raw = serial.encode() if isinstance(serial, str) else bytes(serial)
         self.id_bytes = raw[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.writable = writable
+        # What parse and parse_simple build: an export may complete its requests in a
+        # subclass's __call__ (the backend's callback) instead of through ``done``.
+        self.request_class: type[BlkRequest] = BlkRequest
 
     def set_capacity(self, capacity_bytes: int) -> None:
         self.capacity_sectors = capacity_bytes >> SECTOR_BITS
@@ -325,7 +328,7 @@ class VirtioBlk:
             status_view = last[n - 1 :]
             in_data = [*writable[:-1], last[: n - 1]]
         kind = type_ & ~VIRTIO_BLK_T_BARRIER
-        req = BlkRequest(chain.head, kind, sector, status_view)
+        req = self.request_class(chain.head, kind, sector, status_view)
         if kind == VIRTIO_BLK_T_IN:
             length = chain.write_len - 1
             if length == 0 or not self.range_ok(sector, length):
@@ -374,7 +377,7 @@ class VirtioBlk:
             and data_len >> SECTOR_BITS <= self.capacity_sectors - sector
         ):
             # BlkRequest.__init__ inlined, each field stored once
-            req = _new_request(BlkRequest)
+            req = _new_request(self.request_class)
             req.head = head
             req.type = kind
             req.sector = sector
