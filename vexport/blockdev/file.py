@@ -131,16 +131,10 @@ class FileNode(BlockNode):
     # A read past end of file (the file shrank) reads zeroes; a write the file takes only
     # part of fails with ENOSPC (engine.transfer).
     def _preadv(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
-        engine = self._engine  # the engine property's check, inlined (once per request)
-        if engine is None or engine.closed:
-            engine = self.engine
-        engine.transfer(OP_READ, self.fd, offset, iov, nbytes, done)
+        self.engine.transfer(OP_READ, self.fd, offset, iov, nbytes, done)
 
     def _pwritev(self, offset: int, iov: list[memoryview], nbytes: int, done: Done) -> None:
-        engine = self._engine
-        if engine is None or engine.closed:
-            engine = self.engine
-        engine.transfer(OP_WRITE, self.fd, offset, iov, nbytes, done)
+        self.engine.transfer(OP_WRITE, self.fd, offset, iov, nbytes, done)
 
     def _flush(self, done: Done) -> None:
         self.engine.fdatasync(self.fd, lambda ret: done(min(ret, 0)))
