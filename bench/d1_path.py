@@ -53,9 +53,8 @@ from typing import Any
 import pytest
 
 from vexport.blockdev.graph import BlockGraph
-from vexport.exports.testing import FakeKernel, MemfdMemory
+from vexport.exports.testing import FakeKernel, MemfdMemory, start_driver
 from vexport.exports.vduse_blk import VduseBlkExport
-from vexport.kernel import vduse as kv
 from vexport.virtio import blk
 from vexport.virtio.testing import FakeDriver
 from vexport.virtio.virtqueue import U16, USED_ELEM
@@ -67,7 +66,6 @@ MiB = 1 << 20
 QUEUE_SIZE = 128
 BACKENDS = ("null", "native", "io_uring", "threads")
 FILE = os.environ.get("VEXPORT_MICRO_FILE", "/dev/shm/vexport-d1.img")
-DRIVER_OK = 0xF  # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
 
 
 class InFlight:
@@ -150,20 +148,7 @@ async def run(
         export = VduseBlkExport(SimpleNamespace(graph=graph), opts, node)  # type: ignore[arg-type]
         await export.start()
         try:
-            fd = kernel.fds["vd1"]
-            dev = fd.dev
-            dev.negotiated = blk.features(1, True)
-            q = dev.queues[0]
-            q.num, q.desc_addr, q.driver_addr, q.device_addr = (
-                drv.size,
-                drv.desc_addr,
-                drv.avail_addr,
-                drv.used_addr,
-            )
-            q.ready = True
-            rid = fd.send(kv.VDUSE_SET_STATUS, DRIVER_OK)
-            while rid not in fd.responses:
-                await asyncio.sleep(0.001)
+            fd = await start_driver(kernel, "vd1", drv, blk.features(1, True))
             driver = InFlight(drv, write, requests, depth)
             fd.vq_inject_irq = driver.on_interrupt  # type: ignore[method-assign]
             driver.post(min(depth, requests))

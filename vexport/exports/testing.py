@@ -289,3 +289,30 @@ __all__ = [
     "FakeVduseDeviceFd",
     "MemfdMemory",
 ]
+
+
+DRIVER_OK_STATUS = 0xF  # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+
+
+async def start_driver(
+    kernel: FakeKernel, name: str, rings: Any, features: int, index: int = 0
+) -> FakeVduseDeviceFd:
+    """As a virtio driver would: negotiate ``features``, give queue ``index`` of device
+    ``name`` the rings of ``rings`` (a `vexport.virtio.testing.FakeDriver`), and set
+    DRIVER_OK; returns once the device answered.  The device's fd is returned."""
+    import asyncio
+
+    fd = kernel.fds[name]
+    fd.dev.negotiated = features
+    q = fd.dev.queues[index]
+    q.num, q.desc_addr, q.driver_addr, q.device_addr = (
+        rings.size,
+        rings.desc_addr,
+        rings.avail_addr,
+        rings.used_addr,
+    )
+    q.ready = True
+    rid = fd.send(kv.VDUSE_SET_STATUS, DRIVER_OK_STATUS)
+    while rid not in fd.responses:
+        await asyncio.sleep(0.001)
+    return fd

@@ -18,6 +18,7 @@ from vexport.blockdev.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from vexport.errors import GenericError
 from vexport.exports import BlockExport
 from vexport.exports.inflight_log import LogConfig, log_path
+from vexport.exports.native_poll import NativeBackend
 from vexport.exports.vduse_device import (
     DeviceBusy,
     DeviceConfigMismatch,
@@ -345,6 +346,22 @@ class VduseBlkExport(BlockExport):
             *blk.SIMPLE_SHAPE,
             self.BATCH,
         )
+
+    def native_backend(self) -> NativeBackend | None:
+        """Whether the compiled poll (native_poll.py) may serve this export's reads and
+        writes of the common shape itself: on a null-co node that completes them at
+        once, leaving the buffers as they are (no read-zeroes, no latency).  Checked at
+        every poll, so a change of node or of capacity is seen."""
+        node = self.node
+        if (
+            self._stopping
+            or node.driver != "null-co"
+            or node.read_zeroes  # type: ignore[attr-defined]
+            or node.latency  # type: ignore[attr-defined]
+        ):
+            return None
+        blk_ = self.blk
+        return NativeBackend(blk_.capacity_sectors, blk_._align_mask, blk_.writable)
 
     def _fail_malformed(self, queue: VduseQueue, generation: int, head: int) -> None:
         """Complete a chain that failed validation: IOERR in its status byte when one

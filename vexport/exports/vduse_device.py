@@ -49,9 +49,11 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from vexport import native
 from vexport.exports import queue_worker
 from vexport.exports.inflight_log import InflightLog, LogConfig, QueueLog
 from vexport.exports.irq_steering import RECHECK, IrqSteering
+from vexport.exports.native_poll import NativePoll
 from vexport.io import completions
 from vexport.kernel import vduse as kv
 from vexport.kernel.process import current_cpu
@@ -83,6 +85,9 @@ POLL_SPINS = 300
 # reads and wake-ups (one queue at depth 32: +3-12%; bench/README.md).
 POLL_MAX_BATCH = 4
 POLL_ANY_BATCH = 1 << 16
+
+
+NATIVE_DEEP_LIMIT = 4
 
 
 def poll_max_batch(pollers: int, cpus: int) -> int:
@@ -145,6 +150,7 @@ class VduseQueue:
         # Free for the device type: what it looked up for this queue (the data path
         # checks it against ``generation``).
         self.type_data: Any = None
+        self.native: NativePoll | None = None  # the compiled poll's state (native_poll.py)
 
     @property
     def running(self) -> bool:
@@ -231,6 +237,19 @@ class VduseDevice:
         )
         # sched_yield between empty looks: the driver's thread may share this CPU.
         self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
+        # The compiled poll (native_poll.py) injects interrupts itself through a real
+        # device fd; with the fake kernel of the tests it has _poll inject them.
+        self.native_interrupts = type(dev) is kv.VduseDeviceFd
+        # With fewer polling processes than CPUs (one queue), a driver with more than
+        # this many requests out is served by the Python loop: measured at null-co q1
+        # d32, the C loop's interrupt per request (the driver adds its burst one entry
+        # at a time) cost a third of the IOPS (bench/README.md).  0: no limit.
+        self.native_deep_limit = int(
+            os.environ.get(
+                "VEXPORT_NATIVE_DEEP",
+                str(NATIVE_DEEP_LIMIT if self.poll_max_batch == POLL_ANY_BATCH else 0),
+            )
+        )
         # The queues' interrupt work kept off the CPU that polls them (irq_steering.py).
         self.irq_steering = IrqSteering(
             lambda index: kv.read_irq_affinity(self.name, index),
@@ -604,6 +623,7 @@ class VduseDevice:
         self._notify_scheduled = False
         for other in self.queues:
             other.type_data = None  # may hold the daemon's engines
+            other.native = None  # the daemon's counters
             if other.worker is not None:  # another worker's socket, inherited
                 other.worker.sock.close()
                 other.worker = None
@@ -673,6 +693,19 @@ class VduseDevice:
                         self.dev.vq_setup_kickfd(queue.index, kv.VDUSE_EVENTFD_DEASSIGN)
                 os.close(queue.kick_fd)
                 queue.kick_fd = -1
+            if queue.native is not None and queue.native.state.served:
+                st = queue.native.state
+                log.info(
+                    "%s: queue %d: %d request(s) served by the compiled poll"
+                    " (%d passes, %d interrupts, %d looks)",
+                    self.name,
+                    queue.index,
+                    st.served,
+                    st.passes,
+                    st.interrupts,
+                    st.looks,
+                )
+                queue.native.state.served = 0
             if queue.vq is not None:
                 queue.saved_avail_idx = 0 if reset else queue.vq.last_avail_idx
                 queue.vq.release()
@@ -731,6 +764,8 @@ class VduseDevice:
         try:
             idle = 0
             spins = self.poll_spins
+            if len(queues) == 1 and self._native_poll(queues[0][0], steering, indices):
+                spins = 0  # done: no Python loop
             poll_backends = completions.poll
             yield_cpu = self.poll_yield
             while idle < spins:
@@ -753,6 +788,60 @@ class VduseDevice:
         for queue, _vq in queues:
             if queue.running:
                 self._serve(queue)  # re-arms kicks (an empty pop), serves late arrivals
+
+    def _native_poll(self, queue: VduseQueue, steering: IrqSteering, indices: list[int]) -> bool:
+        """`_poll`'s loop for one queue in C (native_poll.py), when the device type can
+        have its requests served there; False: the Python loop polls instead (from the
+        start, or from where the C loop found the driver with more than
+        ``native_deep_limit`` requests out).  Entries the C loop does not take are served
+        by `_serve`, and the C loop goes on."""
+        backend_of = getattr(self.device_type, "native_backend", None)
+        vq = queue.vq
+        qlog = queue.log
+        if backend_of is None or vq is None or qlog is None:
+            return False
+        if not NativePoll.usable(vq):
+            return False
+        backend = backend_of()
+        if backend is None:
+            return False
+        poller = queue.native
+        if poller is None:
+            poller = queue.native = NativePoll()
+        fd = self.dev.fd if self.native_interrupts else -1
+        poller.setup(
+            vq,
+            qlog,
+            backend,
+            fd,
+            queue.index,
+            self.poll_spins,
+            self.poll_yield,
+            RECHECK,
+            self.native_deep_limit,
+        )
+        lib = native.lib
+        try:
+            while True:
+                rc = poller.run(vq, qlog)
+                if rc == lib.VX_INTERRUPT:  # no device fd to inject through (tests)
+                    self.dev.vq_inject_irq(queue.index)
+                    continue
+                if rc == lib.VX_DEEP:
+                    return False
+                if rc == lib.VX_IDLE or not queue.running or queue.vq is not vq:
+                    break
+                if rc == lib.VX_SERVED:
+                    steering.steer(indices)  # as the Python loop does every RECHECK
+                    continue
+                # VX_PYTHON: an entry of another shape, a fault, a broken ring
+                before = vq.last_avail_idx
+                self._serve(queue)
+                if queue.vq is not vq or not queue.running or vq.last_avail_idx == before:
+                    break
+        finally:
+            poller.release()
+        return True
 
     def queue_broken(self, queue: VduseQueue, reason: str) -> None:
         """The driver corrupted the ring beyond recovery: stop serving this queue."""
