@@ -232,8 +232,9 @@ class VduseDevice:
         # Poll after a kick that brought at most this many requests (poll_max_batch):
         # one polling process per queue with workers, else this one.
         pollers = num_queues if workers else 1
+        cpus = usable_cpus()
         self.poll_max_batch = int(
-            os.environ.get("VEXPORT_POLL_MAX_BATCH", poll_max_batch(pollers, usable_cpus()))
+            os.environ.get("VEXPORT_POLL_MAX_BATCH", poll_max_batch(pollers, cpus))
         )
         # sched_yield between empty looks: the driver's thread may share this CPU.
         self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
@@ -247,7 +248,7 @@ class VduseDevice:
         self.native_deep_limit = int(
             os.environ.get(
                 "VEXPORT_NATIVE_DEEP",
-                str(NATIVE_DEEP_LIMIT if self.poll_max_batch == POLL_ANY_BATCH else 0),
+                str(NATIVE_DEEP_LIMIT if pollers < cpus else 0),
             )
         )
         # The queues' interrupt work kept off the CPU that polls them (irq_steering.py).
@@ -705,7 +706,7 @@ class VduseDevice:
                     st.interrupts,
                     st.looks,
                 )
-                queue.native.state.served = 0
+            queue.native = None  # counted afresh from the next start
             if queue.vq is not None:
                 queue.saved_avail_idx = 0 if reset else queue.vq.last_avail_idx
                 queue.vq.release()

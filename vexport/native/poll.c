@@ -8,8 +8,8 @@
  * write of a valid, aligned range) on a backend it can complete itself, with the same
  * checks, and hands everything else back to Python without consuming it.
  *
- * Backends: VX_NULL (null-co without read-zeroes or latency: the request is done once
- * it is parsed).
+ * Backends: null-co without read-zeroes or latency (the request is done once it is
+ * parsed); which one the export says through VduseBlkExport.native_backend.
  */
 
 #include <errno.h>
@@ -79,7 +79,7 @@ static int serve(struct vx_poll *s, uint16_t avail_idx)
             break;
         /* Popped: the in-flight log's commit point (inflight_log.py). */
         s->log_heads[head] = s->seq++;
-        /* VX_NULL: done.  The status byte, then the used element. */
+        /* null-co: done.  The status byte, then the used element. */
         s->region[a2 - s->region_start] = 0;
         uint8_t *u = s->used + 4 + 8 * (uidx & mask);
         uint32_t id = head, used_len = (data_written ? l1 : 0) + 1;
