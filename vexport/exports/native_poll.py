@@ -11,17 +11,33 @@ serves only requests of the common shape (`SplitQueue.pop_simple`, then
 `VirtioBlk.parse_simple`'s accepted reads and writes), with the same checks; at any
 other entry it returns without consuming it, and `_poll` has the Python path serve it.
 
-The buffers behind the pointers are exported (`ffi.from_buffer`) only during one poll:
+The buffers behind the pointers are exported (`ffi.from_buffer`) only during one call:
 `release` gives them back, so that the queue's views can be released and its memory
-unmapped between polls.
+unmapped between polls.  The request region is the exception while requests are out
+at an asynchronous backend (Linux AIO, io_uring: `NativeBackend.kind`): their buffers
+and status bytes are in it, so it stays exported (as the Python engines pin a
+request's buffers) until the last of them completed.
+
+Asynchronous backends: the poll owns a Linux AIO context or an io_uring of its own,
+created at first use in the process that polls, and an eventfd the backend signals per
+completion.  The device watches that eventfd in its event loop and calls `reap` (the C
+loop's vx_reap) for the completions that come after the poll returned.  Requests out
+are counted in the queue's in-flight count and, through the device, in the export's,
+so that a drain waits for them.  When the queue stops (reset) with requests out, the
+poll is *retired*: its completions only free their slots (``discard``), and it is
+closed when the last came back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any, NamedTuple
 
 from vexport import native
+from vexport.kernel import aio as kaio
+from vexport.kernel import io_uring as kuring
 from vexport.kernel import vduse as kv
 from vexport.virtio.virtqueue import SplitQueue
 
@@ -33,20 +49,41 @@ class NativeBackend(NamedTuple):
 
     capacity_sectors: int
     align_mask: int  # VirtioBlk._align_mask: sectors per logical block - 1
-    writable: bool
+    writable: bool  # writes of the common shape may be served (else Python serves them)
+    kind: int = 0  # VX_NULL (0), VX_AIO (1) or VX_URING (2)
+    fd: int = -1  # the file the asynchronous backends read and write
 
 
 class NativePoll:
-    """One queue's `struct vx_poll`, kept between polls (allocated once)."""
+    """One queue's `struct vx_poll`, kept between polls (allocated once), with the
+    asynchronous backend's context, ring and eventfd when it has one."""
 
-    __slots__ = ("_buffers", "_region", "_region_view", "errors_seen", "state")
+    __slots__ = (
+        "_buffers",
+        "_held",
+        "_region",
+        "_region_view",
+        "_ring",
+        "discard",
+        "efd",
+        "errors_seen",
+        "kind",
+        "poll_hook",
+        "state",
+    )
 
     def __init__(self) -> None:
         self.state: Any = native.ffi.new("struct vx_poll *")
         self._buffers: list[Any] = []
         self._region: Any = None
         self._region_view: memoryview | None = None
+        self._held: list[Any] = []  # earlier regions that requests out still point into
         self.errors_seen = 0
+        self.kind = native.lib.VX_NULL if native.lib is not None else 0
+        self.efd = -1
+        self._ring: Any = None  # kuring.RingMapping (VX_URING)
+        self.discard = False  # retired, or its backend could not be made
+        self.poll_hook: Any = None  # for completions.add_poller (set by the device)
 
     @staticmethod
     def usable(vq: SplitQueue) -> bool:
@@ -59,6 +96,91 @@ class NativePoll:
             and vq._region_at is not None
         )
 
+    # -- the backend ---------------------------------------------------------------
+    def open_backend(self, kind: int, size: int) -> None:
+        """Create what ``kind`` needs (once per poll object; OSError if it cannot)."""
+        lib = native.lib
+        if kind == self.kind:
+            return
+        if self.kind != lib.VX_NULL or self.state.pending:
+            raise OSError(0, "the compiled poll has another backend already")
+        s = self.state
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            if kind == lib.VX_AIO:
+                ctx = kaio.io_setup(2 * size)
+                try:
+                    kaio.CompletionRing(ctx).close()  # the ring layout must be the known one
+                except ValueError as e:
+                    kaio.io_destroy(ctx)
+                    raise OSError(0, str(e)) from None
+                s.aio_ctx = ctx
+            elif kind == lib.VX_URING:
+                ring_fd, params = kuring.io_uring_setup(size)
+                try:
+                    ring = kuring.RingMapping(ring_fd, params)
+                    kuring.io_uring_register_eventfd(ring_fd, efd)
+                except OSError:
+                    os.close(ring_fd)
+                    raise
+                self._ring = ring
+                ffi = native.ffi
+                u32p = "uint32_t *"
+                s.ring_fd = ring_fd
+                s.sq_head = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_head)))
+                s.sq_tail = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_tail)))
+                s.sq_array = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_array)))
+                s.sq_mask = ring.sq_mask
+                s.sqes = ffi.cast("uint8_t *", int(kuring.ffi.cast("uintptr_t", ring.sqes)))
+                s.cq_head = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.cq_head)))
+                s.cq_tail = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.cq_tail)))
+                s.cq_mask = ring.cq_mask
+                s.cqes = ffi.cast("uint8_t *", int(kuring.ffi.cast("uintptr_t", ring.cqes)))
+            else:
+                raise OSError(0, f"unknown backend {kind}")
+        except BaseException:
+            os.close(efd)
+            raise
+        self.efd = efd
+        s.efd = efd
+        s.backend = kind
+        self.kind = kind
+
+    def close(self) -> None:
+        """Free the backend (Linux AIO's io_destroy waits for requests still out)."""
+        lib = native.lib
+        s = self.state
+        if self.kind == lib.VX_AIO and s.aio_ctx:
+            with contextlib.suppress(OSError):
+                kaio.io_destroy(int(s.aio_ctx))
+            s.aio_ctx = 0
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+            os.close(s.ring_fd)
+            s.ring_fd = -1
+        if self.efd >= 0:
+            os.close(self.efd)
+            self.efd = -1
+        self.kind = lib.VX_NULL
+        s.backend = lib.VX_NULL
+        s.pending = 0
+        self.release()
+        self._drop_region(force=True)
+
+    def forget_after_fork(self) -> None:
+        """In a forked worker: the parent's context and ring are not this process's;
+        only the descriptors are closed."""
+        if self._ring is not None:
+            self._ring = None  # the mappings go with the process image
+            with contextlib.suppress(OSError):
+                os.close(self.state.ring_fd)
+        if self.efd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.efd)
+            self.efd = -1
+
+    # -- one call ----------------------------------------------------------------
     def setup(
         self,
         vq: SplitQueue,
@@ -72,32 +194,70 @@ class NativePoll:
         deep_limit: int,
     ) -> None:
         """Point the state at this queue's memory for one poll (`release` after it)."""
-        ffi = native.ffi
+        self.attach(vq, qlog, fd, queue_index)
         s = self.state
-        bufs = [ffi.from_buffer(b) for b in (vq._desc, vq._avail, vq._used, vq._inflight)]
-        heads = ffi.from_buffer(qlog.heads)
-        used = ffi.from_buffer(qlog._used16)
-        self._buffers = [*bufs, heads, used]
-        s.desc, s.avail, s.used, s.inflight = bufs
-        s.log_heads = ffi.cast("uint64_t *", heads)
-        s.log_used = ffi.cast("uint16_t *", used)
         s.capacity_sectors = backend.capacity_sectors
         s.align_mask = backend.align_mask
         s.writable = backend.writable
+        s.file_fd = backend.fd
+        s.spins = spins
+        s.yield_cpu = yield_cpu
+        s.max_serve = max_serve
+        # The deep limit is null-co's (measured there); with an asynchronous backend the
+        # C loop kept deep drivers as well or better (bench/README.md).
+        s.deep_limit = deep_limit if backend.kind == native.lib.VX_NULL else 0
+
+    def attach(self, vq: SplitQueue, qlog: Any, fd: int, queue_index: int) -> None:
+        """Export the queue's rings and log to the state (`release` after the call)."""
+        ffi = native.ffi
+        s = self.state
+        bufs = [ffi.from_buffer(b) for b in (vq._desc, vq._avail, vq._used)]
+        inflight = ffi.from_buffer(vq._inflight, require_writable=True)
+        heads = ffi.from_buffer(qlog.heads)
+        used = ffi.from_buffer(qlog._used16)
+        self._buffers = [*bufs, inflight, heads, used]
+        s.desc, s.avail, s.used = bufs
+        s.inflight = inflight
+        s.log_heads = ffi.cast("uint64_t *", heads)
+        s.log_used = ffi.cast("uint16_t *", used)
         s.size = vq.size
         s.event_idx = vq.event_idx
         s.notify_on_empty = vq.notify_on_empty
         s.fd = fd
         s.inject_irq = kv.VDUSE_VQ_INJECT_IRQ
         s.queue_index = queue_index
-        s.spins = spins
-        s.yield_cpu = yield_cpu
-        s.max_serve = max_serve
-        s.deep_limit = deep_limit
         s.interrupt_due = 0
 
-    def run(self, vq: SplitQueue, qlog: Any) -> int:
-        """One vx_poll call from the queue's current state; the state is taken back."""
+    def _load(self, vq: SplitQueue, qlog: Any) -> int:
+        s = self.state
+        s.last_avail = vq._last_avail
+        s.used_idx = vq._used_idx
+        s.signalled_used = vq._signalled_used
+        s.signalled_valid = vq._signalled_valid
+        pending = int(s.pending)
+        s.python_inflight = vq._inflight_count - pending
+        s.seq = qlog.next_seq
+        return pending
+
+    def _store(self, vq: SplitQueue, qlog: Any, pending: int) -> int:
+        """The state back into the queue; returns the change of requests out."""
+        s = self.state
+        vq._last_avail = s.last_avail
+        vq._used_idx = s.used_idx
+        vq._signalled_used = s.signalled_used
+        vq._signalled_valid = bool(s.signalled_valid)
+        qlog.next_seq = s.seq
+        delta = int(s.pending) - pending
+        vq._inflight_count += delta
+        if s.interrupt_errors != self.errors_seen:
+            self.errors_seen = s.interrupt_errors
+            if s.interrupt_errno != 22:  # EINVAL: not DRIVER_OK any more (quiet)
+                log.error("queue %d interrupt failed: errno %d", s.queue_index, s.interrupt_errno)
+        return delta
+
+    def run(self, vq: SplitQueue, qlog: Any) -> tuple[int, int]:
+        """One vx_poll call from the queue's current state; the state is taken back.
+        Returns vx_poll's result and the change of requests out at the backend."""
         s = self.state
         epoch, view, start, end = vq._simple_region
         if epoch == vq.memory.epoch and end > start:  # type: ignore[attr-defined]
@@ -110,40 +270,52 @@ class NativePoll:
             s.region_end = end
         else:
             s.region_start = s.region_end = 0  # nothing is in it: Python pops first
-        s.last_avail = vq._last_avail
-        s.used_idx = vq._used_idx
-        s.signalled_used = vq._signalled_used
-        s.signalled_valid = vq._signalled_valid
-        s.python_inflight = vq._inflight_count
-        s.seq = qlog.next_seq
+        pending = self._load(vq, qlog)
         rc: int = native.lib.vx_poll(s)
-        vq._last_avail = s.last_avail
-        vq._used_idx = s.used_idx
-        vq._signalled_used = s.signalled_used
-        vq._signalled_valid = bool(s.signalled_valid)
-        qlog.next_seq = s.seq
-        if s.interrupt_errors != self.errors_seen:
-            self.errors_seen = s.interrupt_errors
-            if s.interrupt_errno != 22:  # EINVAL: not DRIVER_OK any more (quiet)
-                log.error("queue %d interrupt failed: errno %d", s.queue_index, s.interrupt_errno)
-        return rc
+        return rc, self._store(vq, qlog, pending)
 
-    def _drop_region(self) -> None:
-        if self._region is not None:
+    def reap(self, vq: SplitQueue | None, qlog: Any) -> tuple[int, int]:
+        """The completions that came in since the last call (vx_reap): with the queue
+        attached (`attach`), or discarded (retired: ``vq`` is None).  Returns how many
+        requests finished and whether the caller must inject the interrupt."""
+        s = self.state
+        lib = native.lib
+        if vq is None:
+            s.discard = 1
+            before = int(s.pending)
+            lib.vx_reap(s)
+            return before - int(s.pending), 0
+        pending = self._load(vq, qlog)
+        lib.vx_reap(s)
+        due = int(s.interrupt_due)
+        s.interrupt_due = 0
+        return -self._store(vq, qlog, pending), due
+
+    def _drop_region(self, force: bool = False) -> None:
+        if self._region is None:
+            return
+        if self.state.pending and not force:
+            self._held.append(self._region)  # requests out point into it
+        else:
             native.ffi.release(self._region)
-            self._region = None
-            self._region_view = None
-            self.state.region = native.ffi.NULL
-            self.state.region_start = self.state.region_end = 0
+        self._region = None
+        self._region_view = None
+        self.state.region = native.ffi.NULL
+        self.state.region_start = self.state.region_end = 0
 
     def release(self) -> None:
-        """Give the exported buffers back (the end of one poll)."""
+        """Give the exported buffers back (the end of one call); the regions too
+        unless requests are out."""
         ffi = native.ffi
         for b in self._buffers:
             ffi.release(b)
         self._buffers = []
-        self._drop_region()
         s = self.state
+        if not s.pending:
+            self._drop_region()
+            for held in self._held:
+                ffi.release(held)
+            self._held = []
         s.desc = s.avail = s.used = s.inflight = ffi.NULL
         s.log_heads = ffi.NULL
         s.log_used = ffi.NULL

@@ -119,6 +119,11 @@ class _NoEngine:
 
 _NO_ENGINE = _NoEngine()
 
+# The compiled poll's backends (poll.h VX_AIO, VX_URING) by engine kind; see
+# VduseBlkExport.native_backend.
+_NATIVE_KINDS = {"native": 1, "io_uring": 2}
+_NATIVE_IO = os.environ.get("VEXPORT_NATIVE_IO", "1") != "0"
+
 
 def queue_workers_enabled() -> bool:
     """Queues beyond the first in worker processes (vexport/exports/queue_worker.py)
@@ -349,19 +354,39 @@ class VduseBlkExport(BlockExport):
 
     def native_backend(self) -> NativeBackend | None:
         """Whether the compiled poll (native_poll.py) may serve this export's reads and
-        writes of the common shape itself: on a null-co node that completes them at
-        once, leaving the buffers as they are (no read-zeroes, no latency).  Checked at
-        every poll, so a change of node or of capacity is seen."""
+        writes of the common shape itself, and how: on a null-co node that completes
+        them at once, leaving the buffers as they are (no read-zeroes, no latency); on
+        a node whose reads go straight to a Linux AIO or io_uring engine
+        (`BlockNode.direct_io`: a file or host_device with aio=native, or aio=threads
+        where io_uring serves it), through a context or ring of the poll's own on the
+        same file.  Writes only where `direct_io` takes them too (not read-only, no
+        detect-zeroes); others go to Python.  ``VEXPORT_NATIVE_IO=0``: null-co only.
+        Checked at every poll, so a change of node or of capacity is seen."""
         node = self.node
-        if (
-            self._stopping
-            or node.driver != "null-co"
-            or node.read_zeroes  # type: ignore[attr-defined]
-            or node.latency  # type: ignore[attr-defined]
-        ):
+        if self._stopping:
             return None
         blk_ = self.blk
-        return NativeBackend(blk_.capacity_sectors, blk_._align_mask, blk_.writable)
+        if node.driver == "null-co":
+            if node.read_zeroes or node.latency:  # type: ignore[attr-defined]
+                return None
+            return NativeBackend(blk_.capacity_sectors, blk_._align_mask, blk_.writable)
+        if not _NATIVE_IO:
+            return None
+        direct = node.direct_io(False)
+        if direct is None:
+            return None
+        engine, fd = direct
+        kind = _NATIVE_KINDS.get(getattr(engine, "kind", ""))
+        if kind is None or engine.closed:
+            return None
+        writable = blk_.writable and node.direct_io(True) is not None
+        return NativeBackend(blk_.capacity_sectors, blk_._align_mask, writable, kind, fd)
+
+    def native_inflight(self, delta: int) -> None:
+        """The compiled poll has ``delta`` more requests out (fewer when negative)."""
+        self._inflight += delta
+        if self._inflight == 0:
+            self._idle()
 
     def _fail_malformed(self, queue: VduseQueue, generation: int, head: int) -> None:
         """Complete a chain that failed validation: IOERR in its status byte when one

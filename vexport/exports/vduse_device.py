@@ -47,6 +47,7 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from vexport import native
@@ -88,6 +89,11 @@ POLL_ANY_BATCH = 1 << 16
 
 
 NATIVE_DEEP_LIMIT = 4
+# A poll gives the event loop a turn after serving this many requests (the Python
+# loop: passes) even if the driver keeps it busy: nothing else runs in the process's
+# event loop meanwhile, and a queue worker must answer the daemon's messages (an IOTLB
+# invalidation) within queue_worker.ANSWER_TIMEOUT.  Then it goes on (_resume_poll).
+POLL_BUDGET = 4096
 
 
 def poll_max_batch(pollers: int, cpus: int) -> int:
@@ -222,6 +228,8 @@ class VduseDevice:
         self.memory = RegionMemory(fault=self._fault)
         # Mappings removed from the memory, closed once no request holds a view into them.
         self.retired: list[mmap.mmap] = []
+        # Compiled polls of stopped queues with requests still out (native_poll.py).
+        self.native_retiring: list[NativePoll] = []
         self._mmaps: dict[int, mmap.mmap] = {}  # region start -> mapping
         self._notify_pending: list[VduseQueue] = []
         self._notify_scheduled = False
@@ -238,13 +246,16 @@ class VduseDevice:
         )
         # sched_yield between empty looks: the driver's thread may share this CPU.
         self.poll_yield = os.environ.get("VEXPORT_POLL_YIELD", "1") == "1"
+        self.poll_budget = max(1, int(os.environ.get("VEXPORT_POLL_BUDGET", str(POLL_BUDGET))))
+        self._poll_spent = False  # the current poll used its budget
         # The compiled poll (native_poll.py) injects interrupts itself through a real
         # device fd; with the fake kernel of the tests it has _poll inject them.
         self.native_interrupts = type(dev) is kv.VduseDeviceFd
         # With fewer polling processes than CPUs (one queue), a driver with more than
         # this many requests out is served by the Python loop: measured at null-co q1
         # d32, the C loop's interrupt per request (the driver adds its burst one entry
-        # at a time) cost a third of the IOPS (bench/README.md).  0: no limit.
+        # at a time) cost a third of the IOPS (bench/README.md).  0: no limit.  For
+        # null-co only (NativePoll.setup).
         self.native_deep_limit = int(
             os.environ.get(
                 "VEXPORT_NATIVE_DEEP",
@@ -624,7 +635,9 @@ class VduseDevice:
         self._notify_scheduled = False
         for other in self.queues:
             other.type_data = None  # may hold the daemon's engines
-            other.native = None  # the daemon's counters
+            if other.native is not None:  # the daemon's counters, context and eventfd
+                other.native.forget_after_fork()
+                other.native = None
             if other.worker is not None:  # another worker's socket, inherited
                 other.worker.sock.close()
                 other.worker = None
@@ -638,6 +651,9 @@ class VduseDevice:
                 other.vq = None
             other.log = None  # written by its own process only
             other.completed = []
+        for poller in self.native_retiring:
+            poller.forget_after_fork()
+        self.native_retiring = []
         completions.add_hook(self.flush_notifications)
         self.device_type.after_fork()
 
@@ -706,6 +722,8 @@ class VduseDevice:
                     st.interrupts,
                     st.looks,
                 )
+            if queue.native is not None:
+                self._native_end(queue.native)
             queue.native = None  # counted afresh from the next start
             if queue.vq is not None:
                 queue.saved_avail_idx = 0 if reset else queue.vq.last_avail_idx
@@ -754,7 +772,9 @@ class VduseDevice:
         yielded (``poll_yield``): with as many driver threads as CPUs, one of them
         shares the poller's CPU.  The queues' interrupt work is steered off the
         poller's CPU (`IrqSteering`) when the poll begins and every ``RECHECK``
-        requests it serves."""
+        requests it serves.  A driver that keeps the poll busy meets ``poll_budget``:
+        the event loop then runs once (its messages, a queue worker's answers) and the
+        poll goes on, kicks still suppressed."""
         queues = [(q, q.vq) for q in self.queues if q.vq is not None and q.running]
         steering = self.irq_steering
         indices = [q.index for q, _vq in queues]
@@ -762,6 +782,7 @@ class VduseDevice:
         recheck = RECHECK
         for _q, vq in queues:
             vq.suppress_kicks(True)
+        self._poll_spent = False
         try:
             idle = 0
             spins = self.poll_spins
@@ -769,6 +790,7 @@ class VduseDevice:
                 spins = 0  # done: no Python loop
             poll_backends = completions.poll
             yield_cpu = self.poll_yield
+            budget = self.poll_budget
             while idle < spins:
                 if idle and yield_cpu:
                     os.sched_yield()  # let a driver thread sharing this CPU run
@@ -783,12 +805,28 @@ class VduseDevice:
                         if not recheck:  # the scheduler may have moved this process
                             recheck = RECHECK
                             steering.steer(indices)
+                        budget -= 1
+                if budget <= 0:
+                    self._poll_spent = True
+                    break
         finally:
-            for _q, vq in queues:
-                vq.suppress_kicks(False)
+            if not self._poll_spent:
+                for _q, vq in queues:
+                    vq.suppress_kicks(False)
+        if self._poll_spent:
+            # The driver kept the poll busy: the event loop's turn, then the poll goes
+            # on (kicks stay suppressed; a kick would not come with the ring busy, and
+            # after a busy kick batch no poll would start: see poll_max_batch).
+            self._loop.call_soon(self._resume_poll)
+            return
         for queue, _vq in queues:
             if queue.running:
                 self._serve(queue)  # re-arms kicks (an empty pop), serves late arrivals
+
+    def _resume_poll(self) -> None:
+        """A poll that used its budget goes on, after one turn of the event loop."""
+        if not self._closed and any(q.vq is not None and q.running for q in self.queues):
+            self._poll()
 
     def _native_poll(self, queue: VduseQueue, steering: IrqSteering, indices: list[int]) -> bool:
         """`_poll`'s loop for one queue in C (native_poll.py), when the device type can
@@ -809,6 +847,12 @@ class VduseDevice:
         poller = queue.native
         if poller is None:
             poller = queue.native = NativePoll()
+        if backend.kind != poller.kind and not self._native_open(queue, poller, backend.kind):
+            return False
+        if poller.poll_hook is not None:
+            # The C loop reads its completion ring itself at every look; the hook
+            # (`_native_reap`) must not run inside it (it re-exports the buffers).
+            completions.remove_poller(poller.poll_hook)
         fd = self.dev.fd if self.native_interrupts else -1
         poller.setup(
             vq,
@@ -818,31 +862,134 @@ class VduseDevice:
             queue.index,
             self.poll_spins,
             self.poll_yield,
-            RECHECK,
+            min(RECHECK, self.poll_budget),
             self.native_deep_limit,
         )
         lib = native.lib
+        delta = 0
+        looks = 0
+        served_before = poller.state.served
         try:
             while True:
-                rc = poller.run(vq, qlog)
+                rc, change = poller.run(vq, qlog)
+                delta += change
+                if rc == lib.VX_LOOK:
+                    # Requests of the Python path are out (the kick's, before the poll):
+                    # their engine's completions are looked at between the C loop's
+                    # looks, as the Python loop does, within the same number of looks.
+                    if completions.poll():
+                        looks = 0
+                    else:
+                        looks += 1
+                        if looks >= self.poll_spins:
+                            break
+                    continue
+                looks = 0
                 if rc == lib.VX_INTERRUPT:  # no device fd to inject through (tests)
                     self.dev.vq_inject_irq(queue.index)
-                    continue
-                if rc == lib.VX_DEEP:
+                elif rc == lib.VX_DEEP:
                     return False
-                if rc == lib.VX_IDLE or not queue.running or queue.vq is not vq:
+                elif rc == lib.VX_IDLE or not queue.running or queue.vq is not vq:
                     break
-                if rc == lib.VX_SERVED:
+                elif rc == lib.VX_SERVED:
                     steering.steer(indices)  # as the Python loop does every RECHECK
-                    continue
-                # VX_PYTHON: an entry of another shape, a fault, a broken ring
-                before = vq.last_avail_idx
-                self._serve(queue)
-                if queue.vq is not vq or not queue.running or vq.last_avail_idx == before:
+                else:  # VX_PYTHON: an entry of another shape, a fault, a broken ring
+                    before = vq.last_avail_idx
+                    self._serve(queue)
+                    if queue.vq is not vq or not queue.running or vq.last_avail_idx == before:
+                        break
+                if poller.state.served - served_before >= self.poll_budget:
+                    self._poll_spent = True  # the event loop's turn (`_poll`)
                     break
         finally:
             poller.release()
+            self._native_count(poller, delta)
         return True
+
+    def _native_open(self, queue: VduseQueue, poller: NativePoll, kind: int) -> bool:
+        """The poll's asynchronous backend, created at first use; False (logged once
+        per queue start) when it cannot be: the Python path serves the queue."""
+        if poller.discard:
+            return False
+        try:
+            poller.open_backend(kind, queue.max_size)
+        except OSError as e:
+            log.info(
+                "%s: queue %d: the compiled poll cannot use its I/O backend (%s); the"
+                " Python path serves it",
+                self.name,
+                queue.index,
+                e,
+            )
+            poller.discard = True  # not tried again until the queue restarts
+            return False
+        self._loop.add_reader(poller.efd, self._native_reap, queue, poller)
+        poller.poll_hook = partial(self._native_hook, queue, poller)
+        return True
+
+    def _native_hook(self, queue: VduseQueue, poller: NativePoll) -> bool:
+        """`completions.poll`'s look at the compiled poll's completion ring."""
+        return bool(native.lib.vx_ready(poller.state)) and self._native_reap(queue, poller) > 0
+
+    def _native_count(self, poller: NativePoll, delta: int) -> None:
+        """Requests out at the compiled poll's backend changed by ``delta``: the device
+        type counts them (a drain waits for them); while any is out, `_poll`'s Python
+        loop looks at the poll's completion ring too."""
+        if poller.state.pending:
+            completions.add_poller(poller.poll_hook)
+        else:
+            completions.remove_poller(poller.poll_hook)
+        counter = getattr(self.device_type, "native_inflight", None)
+        if delta and counter is not None:
+            counter(delta)
+
+    def _native_reap(self, queue: VduseQueue, poller: NativePoll) -> int:
+        """The compiled poll's eventfd: completions that came after it returned.
+        Returns how many requests finished."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(poller.efd)
+        if not poller.state.pending:
+            return 0
+        vq = queue.vq
+        qlog = queue.log
+        retired = poller in self.native_retiring
+        if retired or vq is None or qlog is None or queue.native is not poller:
+            finished, due = poller.reap(None, None)
+            poller.release()  # the regions too, once nothing is out
+        else:
+            fd = self.dev.fd if self.native_interrupts else -1
+            poller.attach(vq, qlog, fd, queue.index)
+            try:
+                finished, due = poller.reap(vq, qlog)
+            finally:
+                poller.release()
+            if due:
+                with contextlib.suppress(OSError):
+                    self.dev.vq_inject_irq(queue.index)
+        if finished:
+            self._native_count(poller, -finished)
+        if retired and not poller.state.pending:
+            self._native_close(poller)
+        return finished
+
+    def _native_end(self, poller: NativePoll) -> None:
+        """The queue stops: close its compiled poll, or retire it while requests are
+        out (their completions are discarded, as the Python path drops those of an
+        older generation)."""
+        if poller.state.pending:
+            poller.discard = True
+            self.native_retiring.append(poller)
+            return
+        if poller.efd >= 0:
+            self._loop.remove_reader(poller.efd)
+        completions.remove_poller(poller.poll_hook)
+        poller.close()
+
+    def _native_close(self, poller: NativePoll) -> None:
+        self.native_retiring.remove(poller)
+        self._loop.remove_reader(poller.efd)
+        completions.remove_poller(poller.poll_hook)
+        poller.close()
 
     def queue_broken(self, queue: VduseQueue, reason: str) -> None:
         """The driver corrupted the ring beyond recovery: stop serving this queue."""

@@ -4,7 +4,8 @@ The export's per-request work in Python costs more guest CPU than QSD's C (under
 test guest's TCG, about 20 times the host's cost per Python step): at queue depth 1 with
 two queues, each queue's process and the fio job beside it fill both CPUs.  `poll.c`
 runs the poll loop of one queue (vexport/exports/native_poll.py) for the requests of
-the common shape on backends it can complete itself; everything else stays in Python,
+the common shape on backends it can complete (null-co at once; files and block devices
+through a Linux AIO context or an io_uring of its own); everything else stays in Python,
 which remains the reference: the compiled loop must give the same used entries, status
 bytes and in-flight log as the Python path, and the tests run both.
 

@@ -55,6 +55,8 @@ class FakeDriver:
         data_size: int = 1 << 20,
     ) -> None:
         self.size = size
+        # add_chain's alignment of buffers of whole sectors (512: what O_DIRECT needs)
+        self.buffer_align = 16
         self.memory = memory if memory is not None else RegionMemory()
         self.desc_addr = ring_base
         self.avail_addr = ring_base + desc_table_size(size)
@@ -202,12 +204,14 @@ class FakeDriver:
     ) -> SubmittedChain:
         """Readable buffers holding ``readable`` data, then writable ones of the sizes."""
         buffers: list[tuple[int, int, bool]] = []
+        align = self.buffer_align
         for data in readable:
-            addr = self.alloc(len(data))
+            n = len(data)
+            addr = self.alloc(n, align if n % 512 == 0 else 16)
             self.write(addr, data)
-            buffers.append((addr, len(data), False))
-        for length in writable:
-            buffers.append((self.alloc(length), length, True))
+            buffers.append((addr, n, False))
+        for n in writable:
+            buffers.append((self.alloc(n, align if n % 512 == 0 else 16), n, True))
         return self.add_raw_chain(buffers, indirect=indirect, publish=publish)
 
     # -- completions --------------------------------------------------------------------
