@@ -154,6 +154,36 @@ def make_image(path: str) -> None:
         f.write(random.Random(6).randbytes(64 * 1024))
 
 
+@contextlib.asynccontextmanager
+async def fake_export(
+    mp: pytest.MonkeyPatch, state: str, node_options: dict[str, Any], writable: bool
+) -> AsyncIterator[tuple[VduseBlkExport, Any, FakeDriver]]:
+    """A started one-queue vduse-blk export of a node over the fake VDUSE kernel, with a
+    FakeDriver attached as Linux negotiates (no VIRTIO_F_NOTIFY_ON_EMPTY, bit 24) whose
+    buffers of whole sectors are aligned for O_DIRECT; yields the export, the device's
+    fake fd and the driver, and stops and closes everything after."""
+    mem = MemfdMemory(8 * MiB)
+    kernel = FakeKernel(mem)
+    drv = FakeDriver(QUEUE_SIZE, memory=mem, ring_base=0x1000, data_base=MiB, data_size=4 * MiB)
+    drv.buffer_align = 512  # O_DIRECT (aio=native)
+    mp.setenv("VEXPORT_STATE_DIR", state)
+    mp.setenv("VEXPORT_IRQ_STEER", "0")  # no /proc/irq for a fake device
+    kernel.install(mp)
+    graph = BlockGraph()
+    node = graph.add({**node_options, "node-name": "d0"})
+    opts = {"id": "e0", "type": "vduse-blk", "node-name": "d0", "name": "vd1"}
+    opts.update({"writable": writable, "num-queues": 1, "queue-size": QUEUE_SIZE})
+    export = VduseBlkExport(SimpleNamespace(graph=graph), opts, node)  # type: ignore[arg-type]
+    await export.start()
+    try:
+        fd = await start_driver(kernel, "vd1", drv, blk.features(1, True) & ~(1 << 24))
+        yield export, fd, drv
+    finally:
+        await export.stop("hard")
+        node.close()
+        mem.close()
+
+
 async def run_script(
     script: Sequence[Spec],
     *,
@@ -163,33 +193,18 @@ async def run_script(
     backend: str = "null",
     budget: int | None = None,
 ) -> dict[str, Any]:
-    mem = MemfdMemory(8 * MiB)
-    kernel = FakeKernel(mem)
-    drv = FakeDriver(QUEUE_SIZE, memory=mem, ring_base=0x1000, data_base=MiB, data_size=4 * MiB)
-    drv.buffer_align = 512  # O_DIRECT (aio=native)
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as state:
-        mp.setenv("VEXPORT_STATE_DIR", state)
-        mp.setenv("VEXPORT_IRQ_STEER", "0")  # no /proc/irq for a fake device
         mp.setenv("VEXPORT_NATIVE_DEEP", str(deep))
         if budget is not None:
             mp.setenv("VEXPORT_POLL_BUDGET", str(budget))
         if not use_native:
             mp.setattr(native, "lib", None)
-        kernel.install(mp)
-        graph = BlockGraph()
         image = os.path.join(state, "image")
-        options = {**NODES[backend], "node-name": "d0"}
+        options = dict(NODES[backend])
         if backend != "null":
             make_image(image)
             options["filename"] = image
-        node = graph.add(options)
-        opts = {"id": "e0", "type": "vduse-blk", "node-name": "d0", "name": "vd1"}
-        opts.update({"writable": writable, "num-queues": 1, "queue-size": QUEUE_SIZE})
-        export = VduseBlkExport(SimpleNamespace(graph=graph), opts, node)  # type: ignore[arg-type]
-        await export.start()
-        try:
-            # As Linux negotiates: no VIRTIO_F_NOTIFY_ON_EMPTY (bit 24)
-            fd = await start_driver(kernel, "vd1", drv, blk.features(1, True) & ~(1 << 24))
+        async with fake_export(mp, state, options, writable) as (export, fd, drv):
             driver = ScriptDriver(drv, script)
             driver.image = image
             fd.vq_inject_irq = driver.on_interrupt  # type: ignore[method-assign]
@@ -232,13 +247,9 @@ async def run_script(
                 "inflight": export._inflight,
                 "turns": turns,
             }
-        finally:
-            await export.stop("hard")
-            node.close()
         if backend != "null":
             with open(image, "rb") as f:
                 out["image"] = hashlib.sha256(f.read()).hexdigest()
-        mem.close()
     return out
 
 
@@ -412,35 +423,20 @@ async def pipe_export() -> AsyncIterator[tuple[VduseBlkExport, Any, FakeDriver, 
     from vexport.exports.native_poll import NativeBackend
 
     pipe_r, pipe_w = os.pipe()
-    mem = MemfdMemory(8 * MiB)
-    kernel = FakeKernel(mem)
-    drv = FakeDriver(QUEUE_SIZE, memory=mem, ring_base=0x1000, data_base=MiB, data_size=4 * MiB)
 
     def pipe_backend(self: VduseBlkExport) -> NativeBackend | None:
         if self._stopping:
             return None
         return NativeBackend(SECTORS, 0, False, native.lib.VX_URING, pipe_r)
 
-    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as state:
-        mp.setenv("VEXPORT_STATE_DIR", state)
-        mp.setenv("VEXPORT_IRQ_STEER", "0")
-        kernel.install(mp)
-        mp.setattr(VduseBlkExport, "native_backend", pipe_backend)
-        graph = BlockGraph()
-        node = graph.add({"driver": "null-co", "node-name": "d0", "size": CAPACITY})
-        opts = {"id": "e0", "type": "vduse-blk", "node-name": "d0", "name": "vd1"}
-        opts.update({"writable": False, "num-queues": 1, "queue-size": QUEUE_SIZE})
-        export = VduseBlkExport(SimpleNamespace(graph=graph), opts, node)  # type: ignore[arg-type]
-        await export.start()
-        try:
-            fd = await start_driver(kernel, "vd1", drv, blk.features(1, True) & ~(1 << 24))
-            yield export, fd, drv, pipe_w
-        finally:
-            await export.stop("hard")
-            node.close()
-            os.close(pipe_w)
-            os.close(pipe_r)
-            mem.close()
+    try:
+        with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as state:
+            mp.setattr(VduseBlkExport, "native_backend", pipe_backend)
+            async with fake_export(mp, state, NODES["null"], False) as (export, fd, drv):
+                yield export, fd, drv, pipe_w
+    finally:
+        os.close(pipe_w)
+        os.close(pipe_r)
 
 
 async def _until(cond: Any, what: str) -> None:

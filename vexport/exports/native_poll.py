@@ -44,6 +44,11 @@ from vexport.virtio.virtqueue import SplitQueue
 log = logging.getLogger("vexport.native_poll")
 
 
+def _ring_pointer(cdata: Any, ctype: str = "uint32_t *") -> Any:
+    """A pointer into an io_uring mapping, from kernel/io_uring's ffi to native's."""
+    return native.ffi.cast(ctype, int(kuring.ffi.cast("uintptr_t", cdata)))
+
+
 class NativeBackend(NamedTuple):
     """What the C loop needs to serve a virtio-blk device's requests itself."""
 
@@ -64,9 +69,9 @@ class NativePoll:
         "_region",
         "_region_view",
         "_ring",
-        "discard",
         "efd",
         "errors_seen",
+        "failed",
         "kind",
         "poll_hook",
         "state",
@@ -82,7 +87,7 @@ class NativePoll:
         self.kind = native.lib.VX_NULL if native.lib is not None else 0
         self.efd = -1
         self._ring: Any = None  # kuring.RingMapping (VX_URING)
-        self.discard = False  # retired, or its backend could not be made
+        self.failed = False  # its backend could not be made (the Python path serves)
         self.poll_hook: Any = None  # for completions.add_poller (set by the device)
 
     @staticmethod
@@ -124,18 +129,14 @@ class NativePoll:
                     os.close(ring_fd)
                     raise
                 self._ring = ring
-                ffi = native.ffi
-                u32p = "uint32_t *"
                 s.ring_fd = ring_fd
-                s.sq_head = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_head)))
-                s.sq_tail = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_tail)))
-                s.sq_array = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.sq_array)))
+                ptr = _ring_pointer
+                s.sq_head, s.sq_tail = ptr(ring.sq_head), ptr(ring.sq_tail)
+                s.sq_array, s.sqes = ptr(ring.sq_array), ptr(ring.sqes, "uint8_t *")
+                s.cq_head, s.cq_tail = ptr(ring.cq_head), ptr(ring.cq_tail)
+                s.cqes = ptr(ring.cqes, "uint8_t *")
                 s.sq_mask = ring.sq_mask
-                s.sqes = ffi.cast("uint8_t *", int(kuring.ffi.cast("uintptr_t", ring.sqes)))
-                s.cq_head = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.cq_head)))
-                s.cq_tail = ffi.cast(u32p, int(kuring.ffi.cast("uintptr_t", ring.cq_tail)))
                 s.cq_mask = ring.cq_mask
-                s.cqes = ffi.cast("uint8_t *", int(kuring.ffi.cast("uintptr_t", ring.cqes)))
             else:
                 raise OSError(0, f"unknown backend {kind}")
         except BaseException:
@@ -165,8 +166,7 @@ class NativePoll:
         self.kind = lib.VX_NULL
         s.backend = lib.VX_NULL
         s.pending = 0
-        self.release()
-        self._drop_region(force=True)
+        self.release()  # with nothing out: the regions too
 
     def forget_after_fork(self) -> None:
         """In a forked worker: the parent's context and ring are not this process's;
@@ -286,15 +286,13 @@ class NativePoll:
             lib.vx_reap(s)
             return before - int(s.pending), 0
         pending = self._load(vq, qlog)
-        lib.vx_reap(s)
-        due = int(s.interrupt_due)
-        s.interrupt_due = 0
+        due: int = lib.vx_reap(s)
         return -self._store(vq, qlog, pending), due
 
-    def _drop_region(self, force: bool = False) -> None:
+    def _drop_region(self) -> None:
         if self._region is None:
             return
-        if self.state.pending and not force:
+        if self.state.pending:
             self._held.append(self._region)  # requests out point into it
         else:
             native.ffi.release(self._region)

@@ -853,12 +853,11 @@ class VduseDevice:
             # The C loop reads its completion ring itself at every look; the hook
             # (`_native_reap`) must not run inside it (it re-exports the buffers).
             completions.remove_poller(poller.poll_hook)
-        fd = self.dev.fd if self.native_interrupts else -1
         poller.setup(
             vq,
             qlog,
             backend,
-            fd,
+            self._native_irq_fd(),
             queue.index,
             self.poll_spins,
             self.poll_yield,
@@ -903,13 +902,19 @@ class VduseDevice:
                     break
         finally:
             poller.release()
-            self._native_count(poller, delta)
+            if poller.poll_hook is not None:  # an asynchronous backend
+                self._native_count(poller, delta)
         return True
+
+    def _native_irq_fd(self) -> int:
+        """The fd the compiled poll injects interrupts through; -1: it asks its caller
+        (VX_INTERRUPT, the fake kernel of the tests)."""
+        return self.dev.fd if self.native_interrupts else -1
 
     def _native_open(self, queue: VduseQueue, poller: NativePoll, kind: int) -> bool:
         """The poll's asynchronous backend, created at first use; False (logged once
         per queue start) when it cannot be: the Python path serves the queue."""
-        if poller.discard:
+        if poller.failed:
             return False
         try:
             poller.open_backend(kind, queue.max_size)
@@ -921,7 +926,7 @@ class VduseDevice:
                 queue.index,
                 e,
             )
-            poller.discard = True  # not tried again until the queue restarts
+            poller.failed = True  # not tried again until the queue restarts
             return False
         self._loop.add_reader(poller.efd, self._native_reap, queue, poller)
         poller.poll_hook = partial(self._native_hook, queue, poller)
@@ -957,8 +962,7 @@ class VduseDevice:
             finished, due = poller.reap(None, None)
             poller.release()  # the regions too, once nothing is out
         else:
-            fd = self.dev.fd if self.native_interrupts else -1
-            poller.attach(vq, qlog, fd, queue.index)
+            poller.attach(vq, qlog, self._native_irq_fd(), queue.index)
             try:
                 finished, due = poller.reap(vq, qlog)
             finally:
@@ -969,6 +973,7 @@ class VduseDevice:
         if finished:
             self._native_count(poller, -finished)
         if retired and not poller.state.pending:
+            self.native_retiring.remove(poller)
             self._native_close(poller)
         return finished
 
@@ -977,17 +982,14 @@ class VduseDevice:
         out (their completions are discarded, as the Python path drops those of an
         older generation)."""
         if poller.state.pending:
-            poller.discard = True
             self.native_retiring.append(poller)
-            return
-        if poller.efd >= 0:
-            self._loop.remove_reader(poller.efd)
-        completions.remove_poller(poller.poll_hook)
-        poller.close()
+        else:
+            self._native_close(poller)
 
     def _native_close(self, poller: NativePoll) -> None:
-        self.native_retiring.remove(poller)
-        self._loop.remove_reader(poller.efd)
+        """Stop watching the poll's eventfd and ring, and free its backend."""
+        if poller.efd >= 0:
+            self._loop.remove_reader(poller.efd)
         completions.remove_poller(poller.poll_hook)
         poller.close()
 

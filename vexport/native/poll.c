@@ -130,6 +130,16 @@ static void submit_uring(struct vx_poll *s)
     }
 }
 
+/* Submit what was prepared: `n` iocbs at `ptrs` (Linux AIO), or the entries written
+ * into the ring (io_uring). */
+static void submit(struct vx_poll *s, uint64_t *ptrs, long n)
+{
+    if (s->backend == VX_AIO)
+        submit_aio(s, ptrs, n);
+    else
+        submit_uring(s);
+}
+
 /* Prepare the transfer of what request `head` still has to move; Linux AIO's iocb
  * pointer goes to *ptr (submitted by the caller), io_uring's entry into the ring. */
 static void prep(struct vx_poll *s, uint16_t head, uint64_t *ptr)
@@ -179,10 +189,7 @@ static void complete_io(struct vx_poll *s, uint64_t head, int64_t res)
         s->resubmits++;
         uint64_t ptr = 0;
         prep(s, (uint16_t)head, &ptr);
-        if (s->backend == VX_AIO)
-            submit_aio(s, &ptr, 1);
-        else
-            submit_uring(s);
+        submit(s, &ptr, 1);
         return;
     }
     uint8_t value = BLK_S_OK;
@@ -304,12 +311,8 @@ static int serve(struct vx_poll *s, uint16_t avail_idx)
         nsub++;
     }
     s->last_avail = (uint16_t)(last + i);
-    if (nsub) {
-        if (s->backend == VX_AIO)
-            submit_aio(s, s->iocb_ptrs, nsub);
-        else
-            submit_uring(s);
-    }
+    if (nsub)
+        submit(s, s->iocb_ptrs, nsub);
     return i;
 }
 
@@ -367,7 +370,6 @@ static int flush(struct vx_poll *s)
 
 int vx_reap(struct vx_poll *s)
 {
-    uint64_t before = s->served;
     if (s->sq_unsubmitted)
         submit_uring(s);
     if (s->pending)
@@ -376,9 +378,7 @@ int vx_reap(struct vx_poll *s)
         s->nbatch = 0;
         return 0;
     }
-    int due = flush(s);
-    s->interrupt_due = due;
-    return (int)(s->served - before);
+    return flush(s);
 }
 
 int vx_poll(struct vx_poll *s)

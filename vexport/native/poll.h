@@ -113,7 +113,7 @@ struct vx_poll {
 
 int vx_poll(struct vx_poll *s);
 /* Completions that came in since (asynchronous backends): pushed, interrupt decided;
-   returns how many requests completed. */
+   returns 1 when the caller must inject it (fd < 0, as VX_INTERRUPT). */
 int vx_reap(struct vx_poll *s);
 /* Whether the backend's completion ring has events (reads two indices, no call). */
 int vx_ready(struct vx_poll *s);
